@@ -1,0 +1,517 @@
+"""ViLaVT: Qwen2.5-VL whose vision encoder re-encodes images conditioned on a text query.
+
+f0 = V(I, ∅) for the original images, f_t = V(C_t, q_t) for the crops of round t: in the query-aware
+("QA") vision blocks, the image tokens of all images mapped to one query attend jointly to each
+other and to that query's projected tokens (extra keys/values, rotary on the keys only); different
+queries never interact. Everything else is stock transformers Qwen2.5-VL.
+
+Written in the style of transformers' `modular_*.py`: subclass, override only what ViLaVT changes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import Qwen3Model
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLTextModel,
+    Qwen2_5_VLVisionAttention,
+    Qwen2_5_VLVisionBlock,
+    apply_rotary_pos_emb_vision,
+    eager_attention_forward,
+    rotate_half,
+)
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import (
+    accepts_precomputed_kwargs,
+    get_max_seqlen,
+    is_flash_attention_requested,
+    merge_with_config_defaults,
+)
+from transformers.utils.output_capturing import capture_outputs
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+from .configuration_vilavt import ViLaVTConfig, ViLaVTVisionConfig
+
+logger = logging.get_logger(__name__)
+
+# The official checkpoints use the pre-4.52 transformers layout (REFERENCE.md §1.8). Registered for our
+# class so `from_pretrained` reads it and `save_pretrained` writes it back (official tools read our saves).
+OFFICIAL_KEY_LAYOUT = [
+    WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
+    WeightRenaming(source_patterns=r"^text_encoder", target_patterns="model.text_encoder"),
+    WeightRenaming(source_patterns=r"^text_proj", target_patterns="model.text_proj"),
+    WeightRenaming(
+        source_patterns=r"^model(?!\.(language_model|visual|text_encoder|text_proj))",
+        target_patterns="model.language_model",
+    ),
+]
+register_checkpoint_conversion_mapping("ViLaVTForConditionalGeneration", OFFICIAL_KEY_LAYOUT, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Query groups: which image tokens and query tokens share an attention segment in the QA blocks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QueryGroups:
+    """Attention segments of the query-aware blocks, built once per vision forward.
+
+    Segment g holds the image tokens of every image mapped to query g, followed (keys/values only) by
+    the valid tokens of query g.
+    """
+
+    query_embeds: torch.Tensor | None  # [L, D] valid query features, query by query, slot order
+    query_cos: torch.Tensor | None  # [L, head_dim] rotary of the query keys
+    query_sin: torch.Tensor | None
+    kv_index: torch.Tensor | None  # order of cat([image kv, query kv]) that lays keys out segment by segment
+    cu_seqlens_q: torch.Tensor  # [G + 1] int32, over image tokens
+    cu_seqlens_k: torch.Tensor  # [G + 1] int32, over image + query tokens
+    q_lengths: list[int]
+    k_lengths: list[int]
+
+
+def check_query_mapping(mapping: list[int], num_images: int, num_queries: int) -> None:
+    """Raise a ValueError naming the field unless `mapping` assigns every image to an existing query
+    row with the images of one query contiguous and queries ascending (the layout the QA blocks and the
+    reference assume)."""
+    if len(mapping) != num_images:
+        raise ValueError(
+            f"image_to_query_mapping has {len(mapping)} entries but image_grid_thw describes {num_images} images"
+        )
+    for i, q in enumerate(mapping):
+        if not 0 <= q < num_queries:
+            raise ValueError(
+                f"image_to_query_mapping[{i}] = {q} points to a missing query row (query_ids has {num_queries} rows)"
+            )
+        if i and q < mapping[i - 1]:
+            raise ValueError(
+                "image_to_query_mapping must be non-decreasing (images of one query contiguous, queries in "
+                f"ascending order); entry {i} is {q} after {mapping[i - 1]}: {mapping}"
+            )
+
+
+def apply_rotary_pos_emb_vision_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Vision rotary for keys alone (query tokens are keys/values only)."""
+    dtype = k.dtype
+    k = k.float()
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    return ((k * cos) + (rotate_half(k) * sin)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic vision encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class ViLaVTQueryAwareVisionAttention(Qwen2_5_VLVisionAttention):
+    """Vision attention whose segments are query groups; query tokens join as extra keys/values."""
+
+    def __init__(self, config: ViLaVTVisionConfig) -> None:
+        super().__init__(config)
+        self.instruct_key_proj = nn.Linear(self.dim, self.dim)
+        self.instruct_value_proj = nn.Linear(self.dim, self.dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        query_groups: QueryGroups,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        seq_length = hidden_states.shape[0]
+        query, key, value = (
+            self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        )
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+
+        groups = query_groups
+        if groups.query_embeds is not None:
+            num_tokens = groups.query_embeds.shape[0]
+            query_key = self.instruct_key_proj(groups.query_embeds).view(num_tokens, self.num_heads, -1)
+            query_value = self.instruct_value_proj(groups.query_embeds).view(num_tokens, self.num_heads, -1)
+            query_key = apply_rotary_pos_emb_vision_keys(query_key, groups.query_cos, groups.query_sin)
+            key = torch.cat([key, query_key.to(key.dtype)])[groups.kv_index]
+            value = torch.cat([value, query_value.to(value.dtype)])[groups.kv_index]
+
+        query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        if is_flash_attention_requested(self.config):
+            attn_output, _ = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=dropout,
+                cu_seq_lens_q=groups.cu_seqlens_q,
+                cu_seq_lens_k=groups.cu_seqlens_k,
+                max_length_q=max(groups.q_lengths),
+                max_length_k=max(groups.k_lengths),
+                is_causal=False,
+                **kwargs,
+            )
+        else:
+            segments = zip(
+                query.split(groups.q_lengths, dim=2),
+                key.split(groups.k_lengths, dim=2),
+                value.split(groups.k_lengths, dim=2),
+            )
+            attn_output = torch.cat(
+                [
+                    attention_interface(
+                        self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=dropout, is_causal=False
+                    )[0]
+                    for q, k, v in segments
+                    if q.shape[2] > 0  # a query with no image contributes keys to nobody
+                ],
+                dim=1,
+            )
+        return self.proj(attn_output.reshape(seq_length, -1).contiguous())
+
+
+class ViLaVTQueryAwareVisionBlock(Qwen2_5_VLVisionBlock):
+    def __init__(self, config: ViLaVTVisionConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__(config, attn_implementation)
+        self.attn = ViLaVTQueryAwareVisionAttention(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        query_groups: QueryGroups,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(
+            self.norm1(hidden_states), query_groups=query_groups, position_embeddings=position_embeddings, **kwargs
+        )
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class ViLaVTVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
+    """Qwen2.5-VL vision tower with query-aware blocks at `config.integration_point`.
+
+    Inputs beyond the stock ones: `instruct_embeds` [Q, T, hidden] (query features after `text_proj`),
+    `instruct_mask` [Q, T] (1 = real token; an all-zero row is an empty query) and
+    `image_to_query_mapping` [N]. Without them each image is its own group with an empty query, i.e.
+    f0 = V(I, ∅).
+    """
+
+    config: ViLaVTVisionConfig
+    _no_split_modules = ["Qwen2_5_VLVisionBlock", "ViLaVTQueryAwareVisionBlock"]
+
+    def __init__(self, config: ViLaVTVisionConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        self.query_aware_blocks = frozenset(config.query_aware_blocks)
+        for index in self.query_aware_blocks:
+            self.blocks[index] = ViLaVTQueryAwareVisionBlock(config)
+        self.post_init()
+
+    def build_query_groups(
+        self,
+        grid_thw: torch.Tensor,
+        image_to_query_mapping: torch.Tensor | None,
+        instruct_embeds: torch.Tensor | None,
+        instruct_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, QueryGroups]:
+        """Rotary position ids of every patch (with the per-group offsets of REFERENCE.md §1.5) and the
+        QA attention segments. Per-image and per-query bookkeeping runs on the host (N and Q are small);
+        per-token work is tensor ops."""
+        device = grid_thw.device
+        grid = grid_thw.tolist()
+        num_images = len(grid)
+        num_queries = instruct_mask.shape[0] if instruct_mask is not None else num_images
+        if image_to_query_mapping is None:
+            if num_queries != num_images:
+                raise ValueError(
+                    f"image_to_query_mapping is required when the number of query rows ({num_queries}) "
+                    f"differs from the number of images ({num_images})"
+                )
+            mapping = list(range(num_images))
+        else:
+            mapping = image_to_query_mapping.tolist()
+        check_query_mapping(mapping, num_images, num_queries)
+
+        # Images of one query are laid out diagonally in rotary space: each starts where the previous
+        # one of its group ends (offset += max(h, w)); the query's tokens follow the last one.
+        sides = [max(h, w) for _, h, w in grid]
+        counts = [t * h * w for t, h, w in grid]
+        offsets, group_side, group_len = [], [0] * num_queries, [0] * num_queries
+        for side, count, q in zip(sides, counts, mapping):
+            offsets.append(group_side[q])
+            group_side[q] += side
+            group_len[q] += count
+        position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
+        position_ids = position_ids + torch.repeat_interleave(
+            torch.tensor(offsets, device=device), torch.tensor(counts, device=device)
+        ).unsqueeze(-1)
+
+        query_lengths = [0] * num_queries
+        query_embeds = query_cos = query_sin = kv_index = None
+        if instruct_embeds is not None and instruct_mask is not None:
+            valid = instruct_mask.bool()
+            query_lengths = valid.sum(dim=1).tolist()
+        if sum(query_lengths):
+            slot = torch.arange(valid.shape[1], device=device)
+            slot_positions = torch.tensor(group_side, device=device).unsqueeze(1) + slot  # padded slot index
+            packed_positions = slot_positions[valid]
+            query_embeds = instruct_embeds[valid].to(self.dtype)
+            query_cos, query_sin = self.rotary_pos_emb(
+                query_embeds, torch.stack([packed_positions, packed_positions], dim=-1)
+            )
+            num_patches = sum(counts)
+            image_start = [sum(group_len[:q]) for q in range(num_queries)]
+            query_start = [num_patches + sum(query_lengths[:q]) for q in range(num_queries)]
+            kv_index = torch.cat(
+                [
+                    torch.arange(start, start + length, device=device)
+                    for q in range(num_queries)
+                    for start, length in ((image_start[q], group_len[q]), (query_start[q], query_lengths[q]))
+                ]
+            )
+
+        k_lengths = [n + m for n, m in zip(group_len, query_lengths)]
+        cumsum = lambda lengths: torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)  # noqa: E731
+        return position_ids, QueryGroups(
+            query_embeds=query_embeds,
+            query_cos=query_cos,
+            query_sin=query_sin,
+            kv_index=kv_index,
+            cu_seqlens_q=cumsum(group_len),
+            cu_seqlens_k=cumsum(k_lengths),
+            q_lengths=group_len,
+            k_lengths=k_lengths,
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        grid_thw: torch.Tensor,
+        instruct_embeds: torch.Tensor | None = None,
+        instruct_mask: torch.Tensor | None = None,
+        image_to_query_mapping: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        position_ids, query_groups = self.build_query_groups(
+            grid_thw, image_to_query_mapping, instruct_embeds, instruct_mask
+        )
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, self.config, kwargs=kwargs)
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=self.spatial_merge_size,
+            window_size=self.window_size,
+            patch_size=self.patch_size,
+            kwargs=kwargs,
+        )
+        max_window_seqlen = get_max_seqlen(
+            cu_window_seqlens, self.config, kwargs=kwargs, kwarg_name="max_window_seqlen"
+        )
+
+        hidden_states = self.patch_embed(hidden_states)
+        seq_len = hidden_states.shape[0]
+        # Windows permute tokens within each image only, so query groups stay contiguous segments.
+        hidden_states = self.permute_input_for_window_attn(hidden_states, window_index, seq_len=seq_len)
+        position_embeddings = tuple(
+            self.permute_input_for_window_attn(freq, window_index, seq_len=seq_len)
+            for freq in self.rotary_pos_emb(hidden_states, position_ids)
+        )
+
+        for index, block in enumerate(self.blocks):
+            if index in self.query_aware_blocks:
+                hidden_states = block(
+                    hidden_states, query_groups=query_groups, position_embeddings=position_embeddings, **kwargs
+                )
+                continue
+            full = index in self.fullatt_block_indexes
+            hidden_states = block(
+                hidden_states,
+                cu_seqlens=cu_seqlens if full else cu_window_seqlens,
+                max_seqlen=max_seqlen if full else max_window_seqlen,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+
+        merged_hidden_states = self.merger(hidden_states)[torch.argsort(window_index)]
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged_hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+class ViLaVTModel(Qwen2_5_VLModel):
+    """Qwen2.5-VL model whose image features depend on queries: `text_encoder` (Qwen3) + `text_proj`
+    feed the query-aware blocks of `visual`."""
+
+    config: ViLaVTConfig
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "ViLaVTQueryAwareVisionBlock"]
+
+    def __init__(self, config: ViLaVTConfig):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = ViLaVTVisionModel._from_config(config.vision_config)
+        self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        self.text_encoder = Qwen3Model._from_config(config.text_encoder_config)
+        self.text_proj = nn.Linear(config.text_encoder_config.hidden_size, config.vision_config.hidden_size)
+        self.rope_deltas = None
+        self.post_init()
+
+    def encode_queries(self, query_ids: torch.Tensor, query_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token query features text_proj(text_encoder(q).last_hidden_state), [Q, T, vision hidden].
+        Only slots with mask 1 are meaningful. The encoder runs causally with positions 0..T-1 per row."""
+        hidden = self.text_encoder(
+            input_ids=query_ids, attention_mask=query_attention_mask, use_cache=False
+        ).last_hidden_state
+        return self.text_proj(hidden.to(self.text_proj.weight.dtype))
+
+    def _query_features(
+        self,
+        num_images: int,
+        query_ids: torch.Tensor | None,
+        query_attention_mask: torch.Tensor | None,
+        image_to_query_mapping: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(instruct_embeds, instruct_mask) for the vision tower; checks the query tensors' shapes."""
+        if query_ids is None:
+            if query_attention_mask is not None:
+                raise ValueError("query_attention_mask was given without query_ids")
+            if image_to_query_mapping is None:
+                return None, None
+            # Joint encoding without text: every referenced query row is empty.
+            num_queries = int(image_to_query_mapping.max()) + 1 if num_images else 0
+            return None, torch.zeros(num_queries, 1, dtype=torch.long, device=image_to_query_mapping.device)
+        if query_ids.dim() != 2:
+            raise ValueError(f"query_ids must be 2-D [num_queries, length], got shape {tuple(query_ids.shape)}")
+        if query_attention_mask is None:
+            query_attention_mask = torch.ones_like(query_ids)
+        if query_attention_mask.shape != query_ids.shape:
+            raise ValueError(
+                f"query_attention_mask has shape {tuple(query_attention_mask.shape)} but query_ids has "
+                f"shape {tuple(query_ids.shape)}"
+            )
+        if query_ids.shape[1] > self.config.max_query_length:
+            raise ValueError(
+                f"query_ids rows have {query_ids.shape[1]} tokens but the model accepts at most "
+                f"max_query_length={self.config.max_query_length}"
+            )
+        has_tokens = query_attention_mask.bool().any(dim=1)
+        if not bool(has_tokens.any()):
+            return None, query_attention_mask  # only empty queries: skip the text encoder
+        features = self.encode_queries(query_ids[has_tokens], query_attention_mask[has_tokens])
+        instruct_embeds = features.new_zeros(*query_ids.shape, features.shape[-1])
+        instruct_embeds[has_tokens] = features
+        return instruct_embeds, query_attention_mask
+
+    @accepts_precomputed_kwargs(modality="image")
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        query_ids: torch.LongTensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+        image_to_query_mapping: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Image features V(I, q): `pooler_output` is a tuple with one [tokens_i, hidden] tensor per image,
+        in image order. `image_to_query_mapping[i]` is the row of `query_ids` image i is encoded with."""
+        if image_grid_thw is None:
+            raise ValueError("image_grid_thw is required to encode pixel_values")
+        instruct_embeds, instruct_mask = self._query_features(
+            image_grid_thw.shape[0], query_ids, query_attention_mask, image_to_query_mapping
+        )
+        vision_outputs = self.visual(
+            pixel_values.type(self.visual.dtype),
+            grid_thw=image_grid_thw,
+            instruct_embeds=instruct_embeds,
+            instruct_mask=instruct_mask,
+            image_to_query_mapping=image_to_query_mapping,
+            **kwargs,
+        )
+        split_sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+        vision_outputs.pooler_output = torch.split(vision_outputs.pooler_output, split_sizes)
+        return vision_outputs
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token types for 3-D rotary positions (0 text, 1 image, 2 video), derived from placeholder ids so
+        inputs made without our processor (e.g. the official ones) work."""
+        return (input_ids == self.config.image_token_id).int() + 2 * (input_ids == self.config.video_token_id).int()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        query_ids: torch.LongTensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+        image_to_query_mapping: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        if pixel_values is not None:
+            if mm_encoder_outputs is not None:
+                raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+            mm_encoder_outputs = {
+                "image": self.get_image_features(
+                    pixel_values,
+                    image_grid_thw,
+                    query_ids=query_ids,
+                    query_attention_mask=query_attention_mask,
+                    image_to_query_mapping=image_to_query_mapping,
+                    return_dict=True,
+                )
+            }
+        if mm_token_type_ids is None and input_ids is not None:
+            mm_token_type_ids = self.mm_token_type_ids(input_ids)
+        return super().forward(
+            input_ids=input_ids,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """ViLaVT with its language-model head. Extra forward inputs: `query_ids`, `query_attention_mask`,
+    `image_to_query_mapping` (see `ViLaVTModel.get_image_features`)."""
+
+    config: ViLaVTConfig
+    _no_split_modules = ViLaVTModel._no_split_modules
+
+    def __init__(self, config: ViLaVTConfig):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.model = ViLaVTModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+
+ViLaVTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "ViLaVTForConditionalGeneration",
+    "ViLaVTModel",
+    "ViLaVTVisionModel",
+    "ViLaVTQueryAwareVisionBlock",
+    "ViLaVTQueryAwareVisionAttention",
+]

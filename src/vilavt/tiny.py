@@ -1,0 +1,149 @@
+"""Tiny, fully offline ViLaVT models for tests, examples and the demo.
+
+The tokenizer is a small byte-level BPE trained on the spot (no download) and wrapped as a Qwen2
+tokenizer with Qwen's special tokens; the query tokenizer shares its vocabulary and, like
+Qwen3-Embedding's, appends `<|endoftext|>` to every query.
+"""
+
+import json
+from functools import lru_cache
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import Qwen2Tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .remote_code.configuration_vilavt import ViLaVTConfig
+from .remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
+from .remote_code.processing_vilavt import CHAT_TEMPLATE, ViLaVTProcessor
+
+# Qwen2.5-VL's special tokens, in their original order.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Protocol tags get one token each in the tiny vocabulary (the real Qwen tokenizer splits them),
+# which keeps tiny models' sequences short.
+PROTOCOL_TOKENS = ["<think>", "</think>", "<tool>", "</tool>", "<answer>", "</answer>", "<tool_response>", "</tool_response>"]
+
+_CORPUS = [
+    CHAT_TEMPLATE,
+    "0123456789 0 1 2 3 4 5 6 7 8 9 10 11 12 100 255 512 1024",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    '{"region": [{"index": 0, "bbox_2d": [10, 20, 30, 40]}], "query": "what digit is in the red frame?"}',
+    "What is the digit inside the marked frame? Is the digit in image 0 larger than the digit in image 1?",
+    "The answer is A. Yes. No. The letter is B. The shape is a circle, square or triangle.",
+    "I need to zoom in on the marked region to read it. The glyph is too small to read.",
+]
+
+
+@lru_cache(maxsize=4)
+def _bpe(vocab_size: int) -> tuple[dict, list]:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    return model["vocab"], [tuple(merge) for merge in model["merges"]]
+
+
+def build_tokenizers(vocab_size: int = 512) -> tuple[Qwen2Tokenizer, Qwen2Tokenizer]:
+    """(chat tokenizer, query tokenizer), built offline in well under a second."""
+    vocab, merges = _bpe(vocab_size)
+
+    def make():
+        tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=32768)
+        tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in PROTOCOL_TOKENS])
+        return tokenizer
+
+    chat = make()
+    chat.eos_token, chat.pad_token = "<|im_end|>", "<|endoftext|>"
+    chat.padding_side = "left"  # batched generation
+    query = make()
+    eos_id = query.convert_tokens_to_ids("<|endoftext|>")
+    query._tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos_id)]
+    )
+    query.padding_side = "right"
+    query.model_max_length = 50
+    return chat, query
+
+
+def tiny_config(tokenizer=None, query_tokenizer=None, **overrides) -> ViLaVTConfig:
+    """A ~0.3 M-parameter ViLaVT config matching `build_tokenizers()`; `overrides` (nested dicts for
+    `vision_config`, `text_config`, `text_encoder_config`) replace any field."""
+    if tokenizer is None or query_tokenizer is None:
+        tokenizer, query_tokenizer = build_tokenizers()
+    ids = tokenizer.convert_tokens_to_ids
+    init = overrides.pop("initializer_range", 0.1)
+    vision = dict(
+        depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+        fullatt_block_indexes=[1, 3], integration_point="late", window_size=112, initializer_range=init,
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        initializer_range=init, tie_word_embeddings=False,
+    )
+    encoder = dict(
+        vocab_size=len(query_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        rope_theta=1000000.0, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
+        initializer_range=init,
+    )
+    for key, part in (("vision_config", vision), ("text_config", text), ("text_encoder_config", encoder)):
+        part.update(overrides.pop(key, {}))
+    return ViLaVTConfig(
+        vision_config=vision,
+        text_config=text,
+        text_encoder_config=encoder,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+        **overrides,
+    )
+
+
+def tiny_processor(tokenizer=None, query_tokenizer=None, max_pixels: int = 56 * 56 * 16, **kwargs) -> ViLaVTProcessor:
+    if tokenizer is None or query_tokenizer is None:
+        tokenizer, query_tokenizer = build_tokenizers()
+    min_pixels = kwargs.pop("min_pixels", 28 * 28 * 4)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return ViLaVTProcessor(
+        image_processor, tokenizer, query_tokenizer, max_pixels=max_pixels, min_pixels=min_pixels, **kwargs
+    )
+
+
+def tiny_vilavt(seed: int = 0, attn_implementation: str = "sdpa", processor_kwargs=None, **config_overrides):
+    """(model, processor): a randomly initialised tiny ViLaVT (float32, eval mode) and its processor.
+
+    Deterministic for a given seed; no file or network access.
+    """
+    tokenizer, query_tokenizer = build_tokenizers()
+    config = tiny_config(tokenizer, query_tokenizer, **config_overrides)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = ViLaVTForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    processor = tiny_processor(tokenizer, query_tokenizer, **(processor_kwargs or {}))
+    return model, processor

@@ -1,0 +1,60 @@
+"""Shared fixtures. Everything is offline: tiny models are built locally, nothing is downloaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference-parity"
+
+
+def reference_case(name: str) -> dict[str, torch.Tensor]:
+    return load_file(REFERENCE / f"case_{name}.safetensors")
+
+
+def official_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder in the official layout: the fixture's config.json and weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, target in (("config.json", "config.json"), ("weights.safetensors", "model.safetensors")):
+        link = folder / target
+        if not link.exists():
+            link.symlink_to(REFERENCE / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference_folder(tmp_path_factory) -> Path:
+    return official_checkpoint(tmp_path_factory.mktemp("official"))
+
+
+@pytest.fixture(scope="session")
+def reference_model(reference_folder):
+    from vilavt import ViLaVTForConditionalGeneration
+
+    return ViLaVTForConditionalGeneration.from_pretrained(reference_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor) of the default tiny ViLaVT, seed 0. Tests must not modify it."""
+    from vilavt import tiny_vilavt
+
+    return tiny_vilavt(seed=0)
+
+
+def run_python(code: str, timeout: int = 300) -> str:
+    """Run `code` in a fresh interpreter (nothing imported from this process carries over)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd="/"
+    )
+    assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout

@@ -1,0 +1,187 @@
+"""ViLaVTProcessor: the chat template carries the protocol; query tokenisation; image loading."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from vilavt.remote_code.processing_vilavt import ImageLoadError, open_image
+
+
+def red(size=(300, 200)):
+    return Image.new("RGB", size, (200, 30, 30))
+
+
+def conversation(*images, question="Which is larger?"):
+    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": question}]}]
+
+
+def test_system_prompt_and_first_turn(tiny):
+    _, processor = tiny
+    text = processor.apply_chat_template(conversation(red(), red((140, 140))), add_generation_prompt=True)
+    system, user = text.split("<|im_start|>user\n")
+    assert system.startswith("<|im_start|>system\n")
+    assert '{"region": [{"index": int, "bbox_2d": [x1, y1, x2, y2]}, ...], "query": str}' in system
+    assert text.count("<|image_pad|>") == 2
+    assert "<|vision_end|>The index of the provided image is 0.\n" in user
+    assert "<|vision_end|>The index of the provided image is 1.\n" in user
+    assert "These are 2 images with indexed from 0 to 1.\nAll images have size: width " in user
+    assert "\n\n# Question: Which is larger?\n\n" in user
+    assert "<think>...</think><answer>...</answer>" in user
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_single_image_states_its_displayed_size(tiny):
+    _, processor = tiny
+    image = red((600, 400))
+    text = processor.apply_chat_template(conversation(image))
+    (shown,) = processor.fit_originals([image])
+    assert shown.width % 28 == 0 and shown.height % 28 == 0
+    assert shown.width * shown.height <= processor.max_pixels
+    assert f"This is an image indexed by 0.\nThe image size: width {shown.width}, height {shown.height}." in text
+
+
+def test_originals_share_the_pixel_budget(tiny):
+    _, processor = tiny
+    one = processor.fit_originals([red((800, 800))])
+    four = processor.fit_originals([red((800, 800))] * 4)
+    assert one[0].width * one[0].height > 2 * four[0].width * four[0].height
+    assert sum(im.width * im.height for im in four) <= processor.max_pixels
+
+
+def test_explicit_system_message_replaces_the_default(tiny):
+    _, processor = tiny
+    messages = [{"role": "system", "content": "Be brief."}, *conversation(red())]
+    text = processor.apply_chat_template(messages)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert "zoom-in tool" not in text.split("<|im_start|>user")[0]
+
+
+def test_tool_turns(tiny):
+    _, processor = tiny
+    crop = red((112, 84))
+    messages = conversation(red(), red()) + [
+        {"role": "assistant", "content": '<think>look</think><tool>{"region": [], "query": "q"}</tool>'},
+        {"role": "tool", "content": [{"type": "image", "image": crop}]},
+        {"role": "assistant", "content": "<think>again</think><tool>bad</tool>"},
+        {"role": "tool", "content": [{"type": "text", "text": "[Error] Zoom-in failed: bad JSON.\n"}], "final": True},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    turns = text.split("<|im_start|>")
+    assert turns[3] == 'assistant\n<think>look</think><tool>{"region": [], "query": "q"}</tool><|im_end|>\n'
+    assert turns[4].startswith("user\n<tool_response><|vision_start|><|image_pad|><|vision_end|>")
+    assert "The index of the zoom-in image is 2 (width: 112, height: 84).\n" in turns[4]
+    assert turns[4].endswith("</tool_response><|im_end|>\n")
+    assert "Look at the zoomed-in image(s) and continue." in turns[4]
+    assert turns[6].startswith("user\n<tool_response>[Error] Zoom-in failed: bad JSON.\nYou have reached the maximum")
+    assert turns[7] == "assistant\n"
+
+
+def test_assistant_tokens_mask_marks_assistant_content(tiny):
+    _, processor = tiny
+    messages = conversation(red()) + [{"role": "assistant", "content": "<think>x</think><answer>A</answer>"}]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    ids, mask = out["input_ids"][0], out["assistant_masks"][0].bool()
+    decoded = processor.tokenizer.decode(ids[mask])
+    assert decoded == "<think>x</think><answer>A</answer><|im_end|>\n"
+
+
+def test_query_tokenisation(tiny):
+    _, processor = tiny
+    long_query = "what is written " * 40
+    encoding, truncated = processor.tokenize_queries(["", "red frame", long_query])
+    ids, mask = encoding["query_ids"], encoding["query_attention_mask"]
+    assert ids.shape == mask.shape == (3, 50)
+    eos = processor.query_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert mask[0].sum() == 0  # empty query: no tokens at all
+    length = int(mask[1].sum())
+    assert mask[1, :length].all() and not mask[1, length:].any()  # right padding
+    assert ids[1, length - 1] == eos  # Qwen3-Embedding appends <|endoftext|>
+    assert truncated == [False, False, True] and mask[2].all()
+
+
+def test_call_returns_query_tensors(tiny):
+    _, processor = tiny
+    messages = conversation(red(), red((100, 300)))
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert out["image_to_query_mapping"].tolist() == [0, 1]
+    assert out["query_ids"].shape == (2, 50) and out["query_attention_mask"].sum() == 0
+    assert (out["mm_token_type_ids"] == 1).sum() == (out["input_ids"] == processor.image_token_id).sum()
+    grid = out["image_grid_thw"]
+    assert (out["input_ids"] == processor.image_token_id).sum() == (grid.prod(-1) // 4).sum()
+
+
+def test_call_with_queries_for_a_batch(tiny):
+    _, processor = tiny
+    text = ["<|vision_start|><|image_pad|><|vision_end|>"] * 2
+    out = processor(
+        text=[text[0] * 2, text[1]],
+        images=[red((56, 56)), red((56, 56)), red((56, 56))],
+        queries=[["", "frame"], ["digit"]],
+        image_to_query_mapping=[[0, 1], [0]],
+        padding=True,
+        return_tensors="pt",
+    )
+    assert out["image_to_query_mapping"].tolist() == [0, 1, 2]
+    assert out["query_attention_mask"].sum(1).gt(0).tolist() == [False, True, True]
+
+
+def test_processor_roundtrip(tiny, tmp_path):
+    _, processor = tiny
+    processor.save_pretrained(tmp_path)
+    from vilavt import ViLaVTProcessor
+
+    loaded = ViLaVTProcessor.from_pretrained(tmp_path)
+    assert (loaded.max_pixels, loaded.max_query_length) == (processor.max_pixels, processor.max_query_length)
+    assert loaded.apply_chat_template(conversation(red())) == processor.apply_chat_template(conversation(red()))
+    assert torch.equal(loaded.tokenize_queries(["a b"])[0]["query_ids"], processor.tokenize_queries(["a b"])[0]["query_ids"])
+
+
+# ---- image files -----------------------------------------------------------------------------
+
+
+def test_missing_image_file(tmp_path):
+    with pytest.raises(ImageLoadError, match=r"nope\.png: image file not found"):
+        open_image(tmp_path / "nope.png")
+
+
+def test_corrupt_image_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"this is not an image at all")
+    with pytest.raises(ImageLoadError, match=r"broken\.jpg: not a readable image"):
+        open_image(path)
+    path.write_bytes(b"\xff\xd8\xff\xe0 a JPEG header and nothing else")
+    with pytest.raises(ImageLoadError, match=r"broken\.jpg: cannot read image"):
+        open_image(path)
+
+
+def test_truncated_image_file(tmp_path):
+    buffer = io.BytesIO()
+    red((400, 400)).save(buffer, format="PNG")
+    path = tmp_path / "truncated.png"
+    path.write_bytes(buffer.getvalue()[:200])
+    with pytest.raises(ImageLoadError, match=r"truncated\.png: cannot read image"):
+        open_image(path)
+
+
+def test_decompression_bomb(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    red((300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageLoadError, match=r"huge\.png: image is past PIL's decompression-bomb limit"):
+        open_image(path)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (60, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 10, 20))  # white strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    upright = open_image(path)
+    assert upright.size == (20, 60)
+    assert upright.getpixel((10, 2))[0] > 200  # the strip is now on top
