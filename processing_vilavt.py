@@ -121,7 +121,7 @@ In <answer>, give only the answer: the option's letter for a multiple-choice que
 {%- if message['content'] is string %}{{ message['content'] }}{% else -%}
 {%- for item in message['content'] -%}
 {%- if is_image(item) -%}
-<|vision_start|><|image_pad|><|vision_end|>The index of the zoom-in image is {{ ns.images }}
+<|vision_start|><|image_pad|><|vision_end|>The index of the zoom-in image is {{ item['index'] if item['index'] is defined else ns.images }}
 {%- if item['width'] is defined %} (width: {{ item['width'] }}, height: {{ item['height'] }}){% endif %}.
 {% set ns.images = ns.images + 1 -%}
 {%- elif item['type'] == 'text' -%}
