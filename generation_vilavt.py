@@ -164,7 +164,18 @@ class Episode:
         twin.ledger.entries = list(self.ledger.entries)
         twin.trace = Trace(originals=self.ledger.originals)
         twin.pending, twin.pending_positions, twin.logits = list(self.pending), list(self.pending_positions), []
+        twin._ids_tensor = None
         return twin
+
+    def ids_tensor(self) -> torch.Tensor:
+        """`ids` as a tensor, extended (not rebuilt) as tokens arrive."""
+        cached = getattr(self, "_ids_tensor", None)
+        if cached is None or len(cached) > len(self.ids):
+            cached = torch.tensor(self.ids, dtype=torch.long)
+        elif len(cached) < len(self.ids):
+            cached = torch.cat([cached, torch.tensor(self.ids[len(cached) :], dtype=torch.long)])
+        self._ids_tensor = cached
+        return cached
 
     @property
     def new_tokens(self) -> int:
@@ -177,6 +188,18 @@ class Episode:
     def model_inputs(self, pad_token_id: int = 0) -> dict:
         """The full-sequence model inputs of this conversation (batch of one)."""
         return full_inputs([self], pad_token_id)
+
+
+def same_conversation(a: Episode, b: Episode) -> bool:
+    """Same tokens, images and queries (e.g. several samples of one prompt)."""
+    return (
+        a.ids == b.ids
+        and a.grids == b.grids
+        and a.mapping == b.mapping
+        and all(x is y or torch.equal(x, y) for x, y in zip(a.pixel_rows, b.pixel_rows))
+        and len(a.query_ids) == len(b.query_ids)
+        and all(torch.equal(x, y) for x, y in zip(a.query_ids + a.query_mask, b.query_ids + b.query_mask))
+    )
 
 
 def _pad_queries(rows: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -280,8 +303,15 @@ class ChatSession:
         return outputs.logits[:, -1].float()
 
     def prefill(self, episodes: list[Episode], rows: list[int]) -> dict[int, torch.Tensor]:
-        """Encode `rows` from scratch — all their tokens and images — into a fresh cache."""
-        batch = [episodes[r] for r in rows]
+        """Encode `rows` from scratch — all their tokens and images — into a fresh cache. Identical
+        conversations (several samples of one prompt) are encoded once and share the cache rows."""
+        unique, owner = [], []
+        for r in rows:
+            match = next((j for j, u in enumerate(unique) if same_conversation(episodes[r], episodes[u])), None)
+            owner.append(len(unique) if match is None else match)
+            if match is None:
+                unique.append(r)
+        batch = [episodes[r] for r in unique]
         inputs = {k: v.to(self.device) for k, v in full_inputs(batch, self.pad_id).items()}
         mm_types = self.model.model.mm_token_type_ids(inputs["input_ids"])
         position_ids, deltas = self.model.model.get_rope_index(
@@ -290,11 +320,18 @@ class ChatSession:
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=inputs["attention_mask"],
         )
-        for ep, delta, valid in zip(batch, deltas[:, 0].tolist(), inputs["attention_mask"].sum(1).tolist()):
-            ep.next_position = delta + valid
+        next_positions = (deltas[:, 0] + inputs["attention_mask"].sum(1)).tolist()
+        for r, j in zip(rows, owner):
+            ep = episodes[r]
+            ep.next_position = next_positions[j]
             ep.pending, ep.pending_positions, ep.pending_features, ep.waiting = [], [], None, False
-        self.cache, self.cache_rows, self.mask = DynamicCache(), list(rows), inputs["attention_mask"]
+        self.cache, self.cache_rows = DynamicCache(), list(rows)
         logits = self._forward(**inputs, position_ids=position_ids)
+        self.mask = inputs["attention_mask"]
+        if len(unique) < len(rows):
+            index = torch.tensor(owner, device=self.device)
+            self.cache.batch_select_indices(index)
+            self.mask, logits = self.mask[index], logits[index]
         return dict(zip(rows, logits))
 
     def advance(self, episodes: list[Episode]) -> dict[int, torch.Tensor]:
@@ -387,10 +424,9 @@ class ChatSession:
 
     def history(self, episodes: list[Episode]) -> torch.Tensor:
         """Every row's tokens so far, left-padded: the `input_ids` logits processors see."""
-        rows = [torch.tensor(ep.ids) for ep in episodes]
-        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id, padding_side="left").to(
-            self.device
-        )
+        return torch.nn.utils.rnn.pad_sequence(
+            [ep.ids_tensor() for ep in episodes], batch_first=True, padding_value=self.pad_id, padding_side="left"
+        ).to(self.device)
 
     # ---- tool calls -----------------------------------------------------------------------------
 

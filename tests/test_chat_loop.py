@@ -35,7 +35,7 @@ def run(tiny, images_per_row, scripts, **kwargs):
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        padding=True,
+        processor_kwargs={"padding": True},
     )
     kwargs.setdefault("max_new_tokens", 3000)
     return model.generate(

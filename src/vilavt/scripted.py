@@ -44,22 +44,33 @@ class ScriptedPolicy(LogitsProcessor):
             if len(ids) == 1:
                 banned.add(ids[0])
         self.banned = sorted(banned)
-        self.initial_turns: dict[int, int] = {}
+        self.pad = tokenizer.pad_token_id
+        self.rows: dict[int, dict] = {}  # per row: length seen, assistant-turn starts, turns in the prompt
 
-    def _turn_starts(self, ids: list[int]) -> list[int]:
-        n = len(self.marker)
-        return [i + n for i in range(len(ids) - n + 1) if ids[i : i + n] == self.marker]
+    def _update(self, row: int, ids: torch.Tensor) -> dict:
+        """Find new assistant-turn starts in the tokens appended since the last call (left padding
+        stripped), so each step costs O(new tokens)."""
+        state = self.rows.setdefault(row, {"seen": 0, "starts": [], "prompt_turns": None})
+        first = int(ids.ne(self.pad).int().argmax())  # left padding ends here
+        length, n = len(ids) - first, len(self.marker)
+        begin = max(0, state["seen"] - n + 1)
+        new = ids[first + begin :].tolist()
+        for i in range(len(new) - n + 1):
+            if new[i : i + n] == self.marker:
+                state["starts"].append(begin + i + n)
+        state["seen"] = length
+        if state["prompt_turns"] is None:
+            state["prompt_turns"] = len(state["starts"])
+        return state
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.clone()
         for row in range(min(len(self.scripts), scores.shape[0])):
-            ids = input_ids[row].tolist()
-            starts = self._turn_starts(ids)
-            if not starts:
+            state = self._update(row, input_ids[row])
+            if not state["starts"]:
                 continue
-            first = self.initial_turns.setdefault(row, len(starts))
-            turn = len(starts) - first
-            generated = len(ids) - starts[-1]
+            turn = len(state["starts"]) - state["prompt_turns"]
+            generated = state["seen"] - state["starts"][-1]
             script = self.scripts[row]
             if turn >= len(script):
                 forced = self.eos
