@@ -115,13 +115,15 @@ class ViLaVTGenerateOutput(ModelOutput):
     """`sequences`: each row's input ids as given followed by its new tokens (right-padded);
     `sampled_mask`: True where a token was sampled (False for prompt and injected tool responses);
     `traces`: one `Trace` per sequence; `episodes`: the records that rebuild each conversation's model
-    inputs (`Episode.model_inputs`); `logits`: per sequence, the raw logits of each sampled token."""
+    inputs (`Episode.model_inputs`); `logits`: per sequence, the raw logits of each sampled token;
+    `logprobs`: per sequence, log p(token) of each sampled token under softmax(logits / temperature)."""
 
     sequences: torch.LongTensor | None = None
     sampled_mask: torch.BoolTensor | None = None
     traces: list | None = None
     episodes: list | None = None
     logits: list | None = None
+    logprobs: list | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +156,7 @@ class Episode:
         self.pending_positions: list[torch.Tensor] = []
         self.pending_features: torch.Tensor | None = None
         self.logits: list[torch.Tensor] = []
+        self.logprobs: list[float] = []
         self._turn_clock = time.perf_counter()
 
     def clone(self) -> "Episode":
@@ -163,7 +166,7 @@ class Episode:
         twin.ledger = copy.copy(self.ledger)
         twin.ledger.entries = list(self.ledger.entries)
         twin.trace = Trace(originals=self.ledger.originals)
-        twin.pending, twin.pending_positions, twin.logits = list(self.pending), list(self.pending_positions), []
+        twin.pending, twin.pending_positions, twin.logits, twin.logprobs = list(self.pending), list(self.pending_positions), [], []
         twin._ids_tensor = None
         return twin
 
@@ -184,6 +187,19 @@ class Episode:
     @property
     def turn_ids(self) -> list[int]:
         return self.ids[self.turn_start :]
+
+    def add_tool_response(self, response: "ToolResponse") -> None:
+        """Record a tool response's crops (as new images) and its query."""
+        response.trace.crop_indices = self.ledger.add(response.crops)
+        if response.pixel_values is None:
+            return
+        sizes = [t * h * w for t, h, w in response.grids]
+        self.pixel_rows += list(response.pixel_values.split(sizes))
+        self.grids += response.grids
+        self.query_ids.append(response.query_ids)
+        self.query_mask.append(response.query_mask)
+        self.query_texts.append(response.trace.query)
+        self.mapping += [len(self.query_ids) - 1] * len(response.grids)
 
     def model_inputs(self, pad_token_id: int = 0) -> dict:
         """The full-sequence model inputs of this conversation (batch of one)."""
@@ -236,6 +252,83 @@ def full_inputs(episodes: list[Episode], pad_token_id: int, padding_side: str = 
 
 
 # --------------------------------------------------------------------------------------------------
+# Tool responses (shared by the loop and by training-data replay)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolResponse:
+    """What answers one assistant turn's tool call."""
+
+    ids: list[int]  # closes the assistant turn, the tool turn, then the next assistant header
+    closing: int  # how many leading `ids` close the assistant turn
+    crops: list  # regions_vilavt.Crop
+    grids: list[list[int]]
+    pixel_values: torch.Tensor | None
+    query_ids: torch.Tensor | None
+    query_mask: torch.Tensor | None
+    trace: RoundTrace
+
+
+def tool_response(
+    episode: Episode, processor, turn_text: str, final: bool, max_regions: int | None = None, turn_closed: bool = False
+) -> ToolResponse:
+    """Parse an assistant turn's tool call, crop its regions from the originals and render the tool
+    response through the chat template. Problems with the call become an error text in the response.
+    `turn_closed`: the turn already ends with the end-of-turn token (an unclosed call)."""
+    step = parse_step(turn_text, max_regions)
+    crops, notes, error, regions = [], [], step.error, []
+    if step.tool_call is not None:
+        image_processor = processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        try:
+            crops = [
+                episode.ledger.crop(region, processor.crop_max_pixels, processor.min_pixels, factor)
+                for region in step.tool_call.regions
+            ]
+        except RegionError as err:
+            error = str(err)
+    query_ids = query_mask = None
+    if crops:
+        encoding, truncated = processor.tokenize_queries([step.tool_call.query])
+        query_ids, query_mask = encoding["query_ids"][0], encoding["query_attention_mask"][0]
+        if truncated[0]:
+            limit = processor.max_query_length
+            notes.append(f"the query is longer than {limit} tokens; only its first {limit} were used")
+        regions = [
+            {"index": r.index, "bbox_2d": list(r.bbox), "source": c.entry.source, "box_in_original": list(c.pixel_box)}
+            for r, c in zip(step.tool_call.regions, crops)
+        ]
+    message = tool_message([c.image for c in crops], len(episode.ledger), final, error, notes)
+    closing = "\n" if turn_closed else TURN_END
+    segment = closing + processor.apply_chat_template([message], add_generation_prompt=True)
+    encoded = processor(text=[segment], images=[c.image for c in crops] or None, return_tensors="pt")
+    closing_ids = processor.tokenizer.encode(closing, add_special_tokens=False)
+    return ToolResponse(
+        ids=encoded["input_ids"][0].tolist(),
+        closing=len(closing_ids),
+        crops=crops,
+        grids=encoded["image_grid_thw"].tolist() if crops else [],
+        pixel_values=encoded["pixel_values"] if crops else None,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        trace=RoundTrace(
+            thought=step.thought,
+            query=step.tool_call.query if step.tool_call else None,
+            regions=regions,
+            crops=[c.image for c in crops],
+            crop_indices=[],
+            error=error,
+            notes=notes,
+            generated_tokens=0,
+            injected_tokens=0,
+            seconds_decode=0.0,
+            seconds_tool=0.0,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
 
@@ -274,6 +367,7 @@ class ChatSession:
         max_turn_tokens: int | None = None,
         incremental: bool = True,
         output_logits: bool = False,
+        output_logprobs: bool = False,
     ):
         self.model = model
         self.processor = processor
@@ -288,8 +382,12 @@ class ChatSession:
         self.max_turn_tokens = max_turn_tokens
         self.incremental = incremental
         self.output_logits = output_logits
+        self.output_logprobs = output_logprobs
+        # Log-probs are those of the policy itself: softmax(logits / temperature), as a trainer scores them.
+        self.temperature = float(generation_config.temperature or 1.0) if generation_config.do_sample else 1.0
         eos = generation_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.turn_end = eos if isinstance(eos, int) else (eos[0] if eos else None)
         self.pad_id = generation_config.pad_token_id if generation_config.pad_token_id is not None else 0
         self.device = model.device
         self.cache = None
@@ -439,91 +537,40 @@ class ChatSession:
         ep.trace.stop_reason = reason
 
     def prepare_tool_call(self, ep: Episode) -> dict | None:
-        """Parse the turn, crop, render the tool response. Returns the crops to encode (or None if the
-        episode ended instead). Any problem with the call becomes an error the model reads."""
+        """Answer the turn's tool call (crops, or an error the model reads) and queue the response.
+        Returns the crops to encode, or None (no crops, or the episode ended instead)."""
         started = time.perf_counter()
-        turn_text = self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True)
         if ep.rounds >= self.max_rounds:
             self.finish(ep, "max_rounds")
             return None
-        ep.rounds += 1
-        final = ep.rounds >= self.max_rounds
-        step = parse_step(turn_text, self.max_regions)
-        crops, notes, error, regions = [], [], step.error, []
-        query_ids = query_mask = None
-        if step.tool_call is not None:
-            try:
-                image_processor = self.processor.image_processor
-                factor = image_processor.patch_size * image_processor.merge_size
-                crops = [
-                    ep.ledger.crop(region, self.processor.crop_max_pixels, self.processor.min_pixels, factor)
-                    for region in step.tool_call.regions
-                ]
-            except RegionError as err:
-                crops, error = [], str(err)
-        if crops:
-            encoding, truncated = self.processor.tokenize_queries([step.tool_call.query])
-            query_ids, query_mask = encoding["query_ids"][0], encoding["query_attention_mask"][0]
-            if truncated[0]:
-                notes.append(
-                    f"the query is longer than {self.processor.max_query_length} tokens; only its first "
-                    f"{self.processor.max_query_length} were used"
-                )
-            regions = [
-                {
-                    "index": region.index,
-                    "bbox_2d": list(region.bbox),
-                    "source": crop.entry.source,
-                    "box_in_original": list(crop.pixel_box),
-                }
-                for region, crop in zip(step.tool_call.regions, crops)
-            ]
-        message = tool_message([c.image for c in crops], len(ep.ledger), final, error, notes)
-        # Close the assistant turn unless the model already did (an unclosed call ended by end-of-turn).
-        closing = "\n" if ep.ids[-1] in self.eos_ids else TURN_END
-        segment = closing + self.processor.apply_chat_template([message], add_generation_prompt=True)
-        images = [c.image for c in crops] or None
-        encoded = self.processor(text=[segment], images=images, return_tensors="pt")
-        segment_ids = encoded["input_ids"][0].tolist()
-        if ep.new_tokens + len(segment_ids) > self.max_new_tokens:
-            ep.rounds -= 1
+        turn_text = self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True)
+        response = tool_response(
+            ep,
+            self.processor,
+            turn_text,
+            final=ep.rounds + 1 >= self.max_rounds,
+            max_regions=self.max_regions,
+            turn_closed=ep.ids[-1] in self.eos_ids,
+        )
+        if ep.new_tokens + len(response.ids) > self.max_new_tokens:
             self.finish(ep, "max_new_tokens")
             return None
-        grids = encoded["image_grid_thw"].tolist() if crops else []
-        indices = ep.ledger.add(crops)
-        if crops:
-            sizes = [t * h * w for t, h, w in grids]
-            ep.pixel_rows += list(encoded["pixel_values"].split(sizes))
-            ep.grids += grids
-            ep.query_ids.append(query_ids)
-            ep.query_mask.append(query_mask)
-            ep.query_texts.append(step.tool_call.query)
-            ep.mapping += [len(ep.query_ids) - 1] * len(crops)
+        ep.rounds += 1
         turn_tokens = len(ep.turn_ids)
-        self.append(ep, segment_ids, sampled=False, grids=grids)
-        ep.trace.rounds.append(
-            RoundTrace(
-                thought=step.thought,
-                query=step.tool_call.query if step.tool_call else None,
-                regions=regions,
-                crops=[c.image for c in crops],
-                crop_indices=indices,
-                error=error,
-                notes=notes,
-                generated_tokens=turn_tokens,
-                injected_tokens=len(segment_ids),
-                seconds_decode=started - ep._turn_clock,
-                seconds_tool=time.perf_counter() - started,
-            )
-        )
+        ep.add_tool_response(response)
+        self.append(ep, response.ids, sampled=False, grids=response.grids)
+        record = response.trace
+        record.generated_tokens, record.injected_tokens = turn_tokens, len(response.ids)
+        record.seconds_decode, record.seconds_tool = started - ep._turn_clock, time.perf_counter() - started
+        ep.trace.rounds.append(record)
         ep.turn_start = len(ep.ids)
-        if not crops:
+        if response.pixel_values is None:
             return None
         return {
-            "pixel_values": encoded["pixel_values"],
-            "image_grid_thw": encoded["image_grid_thw"],
-            "query_ids": query_ids,
-            "query_attention_mask": query_mask,
+            "pixel_values": response.pixel_values,
+            "image_grid_thw": torch.tensor(response.grids, dtype=torch.long),
+            "query_ids": response.query_ids,
+            "query_attention_mask": response.query_mask,
         }
 
     def encode_crops(self, episodes: list[Episode], requests: dict[int, dict]) -> None:
@@ -575,6 +622,12 @@ class ChatSession:
                 tokens = scores.argmax(dim=-1)
             tokens = tokens.tolist()
 
+            if self.output_logprobs:
+                rows = list(logits)
+                logprobs = torch.log_softmax(torch.stack([logits[r] for r in rows]) / self.temperature, dim=-1)
+                picked = logprobs[torch.arange(len(rows)), torch.tensor([tokens[r] for r in rows])].tolist()
+                for r, value in zip(rows, picked):
+                    episodes[r].logprobs.append(value)
             for r in logits:
                 if self.output_logits:
                     episodes[r].logits.append(logits[r])
@@ -596,6 +649,8 @@ class ChatSession:
                 elif reason == "eos":
                     self.finish(ep, "answer" if parse_step(self.tokenizer.decode(ep.turn_ids)).answer else "eos")
                 else:
+                    if reason == "answer" and self.turn_end is not None and ep.new_tokens < self.max_new_tokens:
+                        self.append(ep, [self.turn_end], sampled=False)  # close the final turn, as the model would
                     self.finish(ep, reason)
                 ep._turn_clock = time.perf_counter()
                 if ep.done or ep.waiting:
@@ -627,7 +682,7 @@ class ChatSession:
 
 
 def episodes_from_inputs(
-    model,
+    config,
     processor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -638,8 +693,7 @@ def episodes_from_inputs(
     image_to_query_mapping: torch.Tensor | None,
     images: list | None,
 ) -> list[Episode]:
-    """Split batched processor outputs into one Episode per row."""
-    config = model.config
+    """Split batched processor outputs into one Episode per row (`config`: the model's ViLaVTConfig)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]

@@ -543,6 +543,7 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         max_regions: int = 8,
         max_turn_tokens: int | None = None,
         incremental: bool = True,
+        output_logprobs: bool = False,
         generation_config=None,
         logits_processor: LogitsProcessorList | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
@@ -566,6 +567,7 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             max_regions: regions allowed in one call (more is an error the model reads).
             max_turn_tokens: cap on sampled tokens per assistant turn.
             incremental: False runs the reference-style loop (rebuild and re-encode everything each round).
+            output_logprobs: record log p(token) of each sampled token under softmax(logits / temperature).
             generation_config / kwargs: as in transformers (`do_sample`, `temperature`, `top_p`,
                 `num_return_sequences`, `max_new_tokens` — the budget of all new tokens of a sequence, tool
                 responses included, default 8192 —, `output_logits`, `return_dict_in_generate`, ...).
@@ -587,7 +589,7 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("beam search is not supported by the ViLaVT tool loop; use greedy or sampling")
         self._prepare_special_tokens(generation_config, attention_mask is not None, device=self.device)
         episodes = episodes_from_inputs(
-            self,
+            self.config,
             processor,
             input_ids,
             attention_mask,
@@ -602,6 +604,9 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         episodes = [ep if i == 0 else ep.clone() for ep in episodes for i in range(copies)]
         if streamer is not None and len(episodes) > 1:
             raise ValueError("a streamer needs a batch of one sequence")
+        # Image / video placeholders are never sampled: their features come only from the processor.
+        placeholders = {self.config.image_token_id, self.config.video_token_id}
+        generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | placeholders)
         logits_processor = self._get_logits_processor(
             generation_config,
             input_ids_seq_length=input_ids.shape[1],
@@ -623,6 +628,7 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             max_turn_tokens=max_turn_tokens,
             incremental=incremental,
             output_logits=bool(generation_config.output_logits),
+            output_logprobs=output_logprobs,
         )
         session.run(episodes)
 
@@ -649,6 +655,7 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             logits=[torch.stack(ep.logits) if ep.logits else None for ep in episodes]
             if generation_config.output_logits
             else None,
+            logprobs=[torch.tensor(ep.logprobs) for ep in episodes] if output_logprobs else None,
         )
 
     def chat(self, images, question: str, processor: ViLaVTProcessor | None = None, **generate_kwargs):

@@ -22,6 +22,7 @@ import warnings
 from io import BytesIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -73,7 +74,7 @@ You have reached the maximum number of iterations. No further tool calls are all
 {%- macro content_text(content) -%}
 {%- if content is string -%}{{ content }}{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}{%- endif -%}
 {%- endmacro -%}
-{%- macro is_image(item) -%}{{ 'yes' if item['type'] == 'image' or 'image' in item or 'image_url' in item else '' }}{%- endmacro -%}
+{%- macro is_image(item) -%}{{ 'yes' if item['type'] == 'image' or item.get('image') is not none or item.get('image_url') is not none else '' }}{%- endmacro -%}
 {%- for message in messages -%}
 {%- if loop.first and message['role'] == 'user' -%}
 <|im_start|>system
@@ -181,7 +182,10 @@ def fit_image(image: Image.Image, max_pixels: int, min_pixels: int = DEFAULT_MIN
 
 
 def _is_image_item(item) -> bool:
-    return isinstance(item, dict) and (item.get("type") == "image" or "image" in item or "image_url" in item)
+    # Datasets (Arrow) give every content item every key, with None where unused.
+    return isinstance(item, dict) and (
+        item.get("type") == "image" or item.get("image") is not None or item.get("image_url") is not None
+    )
 
 
 class ViLaVTProcessor(Qwen2_5_VLProcessor):
@@ -218,6 +222,15 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(
             self, image_processor, tokenizer, query_tokenizer, chat_template=chat_template or CHAT_TEMPLATE
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # This class is already loaded and its parts (a Qwen tokenizer, the Qwen2-VL image processor) need
+        # none of the folder's code; given no model config, the auto classes would read config.json, find its
+        # auto_map and stop to ask whether to run that code.
+        if "trust_remote_code" not in kwargs:
+            kwargs.setdefault("config", PreTrainedConfig())
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def model_input_names(self):
@@ -305,11 +318,13 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         outputs["image_to_query_mapping"] = BatchFeature({"m": [mapping]}, tensor_type="pt")["m"][0]
         return outputs
 
-    def prepare_conversation(self, conversation: list[dict], images: list | None = None) -> list[dict]:
+    def prepare_conversation(
+        self, conversation: list[dict], images: list | None = None, max_pixels: int | None = None
+    ) -> list[dict]:
         """A copy of `conversation` whose image items hold displayed-size images and their `width` /
         `height`, as the template needs. Originals (user turns) share the pixel budget; tool-turn
         images (crops) keep their size. `images` fills image items that carry no image of their own
-        (TRL-style placeholders), in order."""
+        (TRL-style placeholders), in order. `max_pixels` overrides the originals' shared budget."""
         conversation = copy.deepcopy(conversation)
         pending = list(images or [])
         items_by_role = {"user": [], "tool": []}
@@ -327,7 +342,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
                 found = pending.pop(0)
             return found
 
-        originals = self.fit_originals([source(item) for item in items_by_role["user"]])
+        originals = self.fit_originals([source(item) for item in items_by_role["user"]], max_pixels)
         crops = [
             fit_image(open_image(source(item)), self.crop_max_pixels, self.min_pixels, self.patch_factor)
             for item in items_by_role["tool"]
@@ -338,14 +353,15 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
             item.update(type="image", image=image, width=image.width, height=image.height)
         return conversation
 
-    def apply_chat_template(self, conversation, chat_template=None, images=None, **kwargs):
+    def apply_chat_template(self, conversation, chat_template=None, images=None, max_pixels=None, **kwargs):
         """Render (and optionally tokenize) ViLaVT conversations; image items are sized first so the
-        prompt states the displayed sizes the model must use for boxes."""
+        prompt states the displayed sizes the model must use for boxes (`max_pixels` overrides the
+        originals' budget)."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         if batched:
-            conversation = [self.prepare_conversation(c) for c in conversation]
+            conversation = [self.prepare_conversation(c, max_pixels=max_pixels) for c in conversation]
         else:
-            conversation = self.prepare_conversation(conversation, images)
+            conversation = self.prepare_conversation(conversation, images, max_pixels)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 

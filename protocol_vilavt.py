@@ -163,6 +163,19 @@ def format_ok(turn: str) -> bool:
     return True
 
 
+# ---- assistant turns ----------------------------------------------------------------------------------
+
+
+def render_tool_call(regions, query: str, thought: str) -> str:
+    """An assistant turn calling the tool; `regions` = [(image index, [x1, y1, x2, y2]), …]."""
+    payload = {"region": [{"index": int(i), "bbox_2d": list(box)} for i, box in regions], "query": query}
+    return f"{THINK_OPEN}{thought}{THINK_CLOSE}{TOOL_OPEN}{json.dumps(payload)}{TOOL_CLOSE}"
+
+
+def render_answer(answer: str, thought: str) -> str:
+    return f"{THINK_OPEN}{thought}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
 # ---- tool responses (rendered by the chat template) ------------------------------------------------
 
 
@@ -195,4 +208,6 @@ __all__ = [
     "format_ok",
     "tool_message",
     "error_text",
+    "render_tool_call",
+    "render_answer",
 ]

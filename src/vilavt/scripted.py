@@ -7,18 +7,24 @@ Used to force tool calls in tests and benchmarks: each assistant turn of each ro
 import torch
 from transformers import LogitsProcessor
 
-from .remote_code.protocol_vilavt import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
+from .remote_code.protocol_vilavt import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CLOSE,
+    TOOL_OPEN,
+    render_answer,
+    render_tool_call,
+)
 
 
 def tool_call_text(regions: list[tuple[int, list[int]]], query: str, thought: str = "zoom") -> str:
-    import json
-
-    payload = {"region": [{"index": i, "bbox_2d": list(box)} for i, box in regions], "query": query}
-    return f"{THINK_OPEN}{thought}{THINK_CLOSE}{TOOL_OPEN}{json.dumps(payload)}{TOOL_CLOSE}"
+    return render_tool_call(regions, query, thought)
 
 
 def answer_text(answer: str, thought: str = "done") -> str:
-    return f"{THINK_OPEN}{thought}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+    return render_answer(answer, thought)
 
 
 class ScriptedPolicy(LogitsProcessor):

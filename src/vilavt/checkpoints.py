@@ -1,0 +1,181 @@
+"""Building ViLaVT checkpoint folders shard by shard (memory stays near one shard).
+
+* `init_from_base`: Qwen2.5-VL + a Qwen3 text encoder (e.g. Qwen2.5-VL-7B-Instruct + Qwen3-Embedding-0.6B)
+  -> a ViLaVT starting checkpoint for SFT: the new query-path weights (`text_proj`, the per-block
+  `instruct_key_proj` / `instruct_value_proj`) are initialised like the reference (normal(0, 0.02), zero
+  bias), everything else is copied.
+
+Folders are written in the official key layout (`visual.*`, `model.*`, `lm_head.*`, `text_encoder.*`,
+`text_proj.*`), with the remote code, `auto_map`, the processor and the query tokenizer bundled.
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .remote_code import modeling_vilavt
+from .remote_code.configuration_vilavt import ViLaVTConfig
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, sharded (with an index) or single."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or {INDEX_NAME}")
+
+
+def official_key(key: str) -> str:
+    """A Qwen2.5-VL key in the official (pre-4.52) layout, whichever layout it was saved in."""
+    for new, old in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if key.startswith(new):
+            return old + key[len(new) :]
+    return key
+
+
+class ShardWriter:
+    """Writes tensors into numbered shards and the index that maps every key to its shard."""
+
+    def __init__(self, folder: Path, total_shards_hint: int):
+        self.folder, self.total = Path(folder), max(total_shards_hint, 1)
+        self.weight_map: dict[str, str] = {}
+        self.count, self.size = 0, 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        self.count += 1
+        name = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, self.folder / name, metadata={"format": "pt"})
+        self.size += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.weight_map.update(dict.fromkeys(tensors, name))
+
+    def finish(self) -> None:
+        # Shards were numbered before their count was final; rename them so the names agree.
+        renamed = {}
+        for i in range(1, self.count + 1):
+            old = f"model-{i:05d}-of-{self.total:05d}.safetensors"
+            new = f"model-{i:05d}-of-{self.count:05d}.safetensors"
+            if old != new:
+                (self.folder / old).rename(self.folder / new)
+            renamed[old] = new
+        weight_map = {k: renamed[v] for k, v in sorted(self.weight_map.items())}
+        index = {"metadata": {"total_size": self.size}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def copy_remote_code(folder: Path) -> None:
+    """The remote-code modules a checkpoint carries (the package's own files, never copies of them in git)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modeling = Path(modeling_vilavt.__file__)
+    for path in [modeling, *map(Path, get_relative_import_files(str(modeling)))]:
+        shutil.copy(path, Path(folder) / path.name)
+
+
+def _query_path_weights(config: ViLaVTConfig, seed: int) -> dict[str, torch.Tensor]:
+    """`text_proj` and the instruct projections, initialised as the reference's `_init_weights` does."""
+    generator = torch.Generator().manual_seed(seed)
+    std = config.vision_config.initializer_range
+    width, text_width = config.vision_config.hidden_size, config.text_encoder_config.hidden_size
+
+    def linear(prefix, fan_out, fan_in):
+        return {
+            f"{prefix}.weight": torch.randn(fan_out, fan_in, generator=generator) * std,
+            f"{prefix}.bias": torch.zeros(fan_out),
+        }
+
+    tensors = linear("text_proj", width, text_width)
+    for block in config.vision_config.query_aware_blocks:
+        for name in ("instruct_key_proj", "instruct_value_proj"):
+            tensors.update(linear(f"visual.blocks.{block}.attn.{name}", width, width))
+    return tensors
+
+
+def init_from_base(
+    base,
+    encoder,
+    out,
+    integration_point: str = "late",
+    fullatt_block_indexes=(7, 15),
+    max_query_length: int = 50,
+    dtype: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Assemble a ViLaVT checkpoint from a Qwen2.5-VL folder and a Qwen3 (embedding) model folder."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .remote_code.processing_vilavt import ViLaVTProcessor
+
+    base, encoder, out = Path(base), Path(encoder), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_config = json.loads((base / "config.json").read_text())
+    encoder_config = json.loads((encoder / "config.json").read_text())
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        base_config.pop(key, None)
+        encoder_config.pop(key, None)
+    vision = dict(base_config.pop("vision_config", {}))
+    vision.pop("model_type", None)
+    vision.update(integration_point=integration_point, fullatt_block_indexes=list(fullatt_block_indexes))
+    config = ViLaVTConfig(
+        **base_config, vision_config=vision, text_encoder_config=encoder_config, max_query_length=max_query_length
+    )
+    config.architectures = ["ViLaVTForConditionalGeneration"]
+    if dtype:
+        config.dtype = getattr(torch, dtype)
+
+    cast = (lambda t: t.to(getattr(torch, dtype))) if dtype else (lambda t: t)
+    base_shards, encoder_shards = shard_files(base), shard_files(encoder)
+    writer = ShardWriter(out, len(base_shards) + len(encoder_shards) + 1)
+    for path in base_shards:
+        with safe_open(path, "pt") as shard:
+            writer.write({official_key(k): cast(shard.get_tensor(k)) for k in shard.keys()})
+    for path in encoder_shards:
+        with safe_open(path, "pt") as shard:
+            # A bare Qwen3Model, or a causal LM whose backbone is under `model.` (its head is not needed).
+            writer.write(
+                {
+                    "text_encoder." + k.removeprefix("model."): cast(shard.get_tensor(k))
+                    for k in shard.keys()
+                    if not k.startswith("lm_head.")
+                }
+            )
+    writer.write({k: cast(v) for k, v in _query_path_weights(config, seed).items()})
+    writer.finish()
+    config.save_pretrained(out)
+    copy_remote_code(out)
+    for name in ("generation_config.json",):
+        if (base / name).exists():
+            shutil.copy(base / name, out / name)
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    query_tokenizer = AutoTokenizer.from_pretrained(encoder)
+    query_tokenizer.padding_side = "right"  # what the reference trained with (REFERENCE.md §1.5)
+    preprocessor = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (base / name).exists():
+            preprocessor = json.loads((base / name).read_text())
+            preprocessor = preprocessor.get("image_processor", preprocessor)
+            break
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=preprocessor.get("min_pixels", 4 * 28 * 28), max_pixels=preprocessor.get("max_pixels", 8192 * 28 * 28)
+    )
+    processor = ViLaVTProcessor(image_processor, tokenizer, query_tokenizer, max_query_length=max_query_length)
+    processor.save_pretrained(out)
+    logger.info("wrote %s (%d shards)", out, writer.count)
+    return out
