@@ -14,109 +14,15 @@ Prints a table and, as its last line, a JSON object with
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from transformers import LogitsProcessorList  # noqa: E402
-from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
-
-from vilavt import ViLaVTForConditionalGeneration  # noqa: E402
-from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text  # noqa: E402
-from vilavt.tiny import build_tokenizers, tiny_config, tiny_processor  # noqa: E402
-
-SMALL = dict(
-    vision_config=dict(
-        depth=8, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512, fullatt_block_indexes=[3, 7]
-    ),
-    text_config=dict(
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-    ),
-    text_encoder_config=dict(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64
-    ),
-    initializer_range=0.05,
-)
-IMAGE_SIDE = 1344  # shown at 1344 x 1344: 2304 image tokens
-FREE_TOKENS = 48  # thought tokens the model writes itself at the start of every turn
-
-
-def build():
-    torch.manual_seed(0)
-    tokenizer, query_tokenizer = build_tokenizers()
-    config = tiny_config(tokenizer, query_tokenizer, **json.loads(json.dumps(SMALL)))
-    config._attn_implementation = "sdpa"
-    model = ViLaVTForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    processor = tiny_processor(tokenizer, query_tokenizer, max_pixels=IMAGE_SIDE * IMAGE_SIDE, crop_max_pixels=448 * 448)
-    return model, processor
-
-
-def scene(seed=0) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), "white")
-    draw = ImageDraw.Draw(image)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(60):
-        x, y = (torch.randint(0, IMAGE_SIDE - 60, (2,), generator=g)).tolist()
-        draw.rectangle((x, y, x + 60, y + 40), fill=tuple(torch.randint(0, 255, (3,), generator=g).tolist()))
-    return image
-
-
-def script(variant=0):
-    """Three tool rounds (one region; a crop plus the original; a crop of a crop), then the answer."""
-    shift = 40 * variant
-    return [
-        (FREE_TOKENS, tool_call_text([(0, [200 + shift, 300, 520 + shift, 620])], "what is in this region")),
-        (FREE_TOKENS, tool_call_text([(1, [0, 0, 160, 160]), (0, [700, 100 + shift, 1000, 400 + shift])], "compare")),
-        (FREE_TOKENS, tool_call_text([(2, [20, 20, 120, 120])], "read the small text")),
-        (FREE_TOKENS, answer_text("B")),
-    ]
-
-
-def inputs_for(processor, count):
-    image = scene()
-    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Which option?"}]}]
-    batch = processor.apply_chat_template(
-        [conversation] * count if count > 1 else conversation,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True},
-    )
-    return batch, [[image]] * count
-
-
-def run(model, processor, scripts, incremental=True):
-    inputs, images = inputs_for(processor, len(scripts))
-    policy = ScriptedPolicy(processor.tokenizer, scripts)
-    started = time.perf_counter()
-    output = model.generate(
-        **inputs,
-        images=images,
-        processor=processor,
-        logits_processor=LogitsProcessorList([policy]),
-        incremental=incremental,
-        max_new_tokens=6000,
-        return_dict_in_generate=True,
-    )
-    elapsed = time.perf_counter() - started
-    assert all(t.stop_reason == "answer" and len(t.rounds) == 3 for t in output.traces), [
-        (t.stop_reason, [r.error for r in t.rounds]) for t in output.traces
-    ]
-    return elapsed, output
+from common import IMAGE_SIDE, build, run, script
 
 
 @torch.no_grad()
