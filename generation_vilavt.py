@@ -283,7 +283,7 @@ def tool_response(
         factor = image_processor.patch_size * image_processor.merge_size
         try:
             crops = [
-                episode.ledger.crop(region, processor.crop_max_pixels, processor.min_pixels, factor)
+                episode.ledger.crop(region, processor.crop_max_pixels, processor.crop_min_pixels, factor)
                 for region in step.tool_call.regions
             ]
         except RegionError as err:
@@ -534,7 +534,8 @@ class ChatSession:
         step = parse_step(turn)
         ep.trace.final_turn = turn
         ep.trace.answer = step.answer
-        ep.trace.stop_reason = reason
+        # "answer" means an answer was given: a closing tag without an opening one is no answer.
+        ep.trace.stop_reason = "no_answer" if reason == "answer" and step.answer is None else reason
 
     def prepare_tool_call(self, ep: Episode) -> dict | None:
         """Answer the turn's tool call (crops, or an error the model reads) and queue the response.

@@ -40,6 +40,22 @@ TURN_END = "<|im_end|>\n"
 # The protocol, in the template. Tags and JSON keys are what the released model was trained on
 # (REFERENCE.md §2.1-2.5); the instructions around them are ours.
 CHAT_TEMPLATE = r"""{%- set ns = namespace(images=0) -%}
+{%- set compact = prompt_style is defined and prompt_style == 'compact' -%}
+{%- if compact -%}
+{%- set system_prompt -%}
+You answer questions about images. To look closer, call the zoom-in tool: <tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}], "query": "..."}</tool> crops the boxes (pixels of image i) from the original images and re-encodes them with your query.
+{%- endset -%}
+{%- set formats -%}
+Answer with <think>...</think><tool>...</tool> or <think>...</think><answer>...</answer>.
+{%- endset -%}
+{%- set rules -%}{%- endset -%}
+{%- set continue_prompt -%}
+Continue.
+{%- endset -%}
+{%- set final_prompt -%}
+No more tool calls. Answer now: <think>...</think><answer>...</answer>.
+{%- endset -%}
+{%- else -%}
 {%- set system_prompt -%}
 You are a helpful assistant. Solve the problem about the image(s) the user provides. You may look closer with a zoom-in tool: the regions you select are cropped from the original high-resolution image(s), processed externally, and re-encoded together with your query, so you can look again with a specific question in mind.
 
@@ -65,12 +81,17 @@ Think inside <think> and </think> first. Then either call the zoom-in tool or gi
 1. <think>...</think><tool> {"region": [{"index": ..., "bbox_2d": [x1, y1, x2, y2]}], "query": "..."} </tool>
 2. <think>...</think><answer>...</answer>
 {%- endset -%}
+{%- set rules -%}
+Coordinates in "bbox_2d" are pixels of the indexed image and must lie within its width and height.
+In <answer>, give only the answer: the option's letter for a multiple-choice question, Yes or No for a yes/no question, a single number for a numeric question, and nothing else.
+{%- endset -%}
 {%- set continue_prompt -%}
 Look at the zoomed-in image(s) and continue. {{ formats }}
 {%- endset -%}
 {%- set final_prompt -%}
 You have reached the maximum number of iterations. No further tool calls are allowed. You must now provide the final answer in the format <think>...</think><answer>...</answer>.
 {%- endset -%}
+{%- endif -%}
 {%- macro content_text(content) -%}
 {%- if content is string -%}{{ content }}{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}{%- endif -%}
 {%- endmacro -%}
@@ -107,8 +128,9 @@ These are {{ first.count }} images with indexed from 0 to {{ first.count - 1 }}.
 {{ '\n' }}{{ 'The image size' if first.count == 1 else 'All images have size' }}: width {{ first.item['width'] }}, height {{ first.item['height'] }}.
 {%- endif -%}
 {{ '\n\n# Question: ' }}{{ content_text(message['content']) }}{{ '\n\n' }}{{ formats }}
-Coordinates in "bbox_2d" are pixels of the indexed image and must lie within its width and height.
-In <answer>, give only the answer: the option's letter for a multiple-choice question, Yes or No for a yes/no question, a single number for a numeric question, and nothing else.
+{%- if rules %}
+{{ rules }}
+{%- endif -%}
 {%- endif -%}
 {%- endif -%}
 <|im_end|>
@@ -172,10 +194,15 @@ def open_image(source, *, convert: bool = True) -> Image.Image:
     return image.convert("RGB") if convert and image.mode != "RGB" else image
 
 
+def displayed_size(width: int, height: int, max_pixels: int, min_pixels: int = DEFAULT_MIN_PIXELS, factor: int = 28):
+    """(width, height) an image is shown at: sides multiples of `factor`, area within [min_pixels, max_pixels]."""
+    height, width = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return width, height
+
+
 def fit_image(image: Image.Image, max_pixels: int, min_pixels: int = DEFAULT_MIN_PIXELS, factor: int = 28):
-    """Resize to the displayed size: sides multiples of `factor`, area within [min_pixels, max_pixels],
-    aspect kept (qwen-vl-utils `fetch_image`; BICUBIC like PIL's default)."""
-    height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    """Resize to the displayed size, aspect kept (qwen-vl-utils `fetch_image`; BICUBIC like PIL's default)."""
+    width, height = displayed_size(image.width, image.height, max_pixels, min_pixels, factor)
     if (width, height) == image.size:
         return image
     return image.resize((width, height), Image.Resampling.BICUBIC)
@@ -198,7 +225,10 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         max_pixels: pixel budget shared by the original images of one conversation.
         min_pixels: smallest image area.
         crop_max_pixels: pixel budget of one zoom-in crop (defaults to `max_pixels`).
+        crop_min_pixels: smallest area of a crop (defaults to `min_pixels`); small boxes are upscaled to it.
         max_query_length: query length limit (the reference trained with 50).
+        prompt_style: "full" (the protocol in full, as the released model was trained) or "compact" (the
+            same protocol in a few words; for small models trained from scratch).
     """
 
     def __init__(
@@ -210,7 +240,9 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_pixels: int = DEFAULT_MIN_PIXELS,
         crop_max_pixels: int | None = None,
+        crop_min_pixels: int | None = None,
         max_query_length: int = DEFAULT_MAX_QUERY_LENGTH,
+        prompt_style: str = "full",
         **kwargs,
     ):
         self.image_token, self.video_token = IMAGE_TOKEN, VIDEO_TOKEN
@@ -218,7 +250,11 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.max_pixels, self.min_pixels = int(max_pixels), int(min_pixels)
         self.crop_max_pixels = int(crop_max_pixels or max_pixels)
+        self.crop_min_pixels = int(crop_min_pixels or min_pixels)
         self.max_query_length = int(max_query_length)
+        if prompt_style not in ("full", "compact"):
+            raise ValueError(f"prompt_style must be 'full' or 'compact', got {prompt_style!r}")
+        self.prompt_style = prompt_style
         ProcessorMixin.__init__(
             self, image_processor, tokenizer, query_tokenizer, chat_template=chat_template or CHAT_TEMPLATE
         )
@@ -247,8 +283,15 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         """Load the original images of one conversation and resize them to their displayed size; they
         share the pixel budget (each gets `max_pixels / N`, REFERENCE.md §2.6)."""
         images = [open_image(image) for image in images]
-        budget = max((max_pixels or self.max_pixels) // max(len(images), 1), self.min_pixels)
-        return [fit_image(image, budget, self.min_pixels, self.patch_factor) for image in images]
+        budget, smallest = self.original_budget(len(images), max_pixels)
+        return [fit_image(image, budget, smallest, self.patch_factor) for image in images]
+
+    def original_budget(self, count: int, max_pixels: int | None = None) -> tuple[int, int]:
+        """(max, min) pixel area of each of `count` original images. An explicit `max_pixels` below
+        `min_pixels` lowers the minimum too (it is the caller's budget)."""
+        budget = (max_pixels or self.max_pixels) // max(count, 1)
+        smallest = min(self.min_pixels, budget) if max_pixels else self.min_pixels
+        return max(budget, smallest), smallest
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -344,7 +387,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
 
         originals = self.fit_originals([source(item) for item in items_by_role["user"]], max_pixels)
         crops = [
-            fit_image(open_image(source(item)), self.crop_max_pixels, self.min_pixels, self.patch_factor)
+            fit_image(open_image(source(item)), self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
             for item in items_by_role["tool"]
         ]
         for item, image in zip(items_by_role["user"] + items_by_role["tool"], originals + crops):
@@ -362,9 +405,10 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
             conversation = [self.prepare_conversation(c, max_pixels=max_pixels) for c in conversation]
         else:
             conversation = self.prepare_conversation(conversation, images, max_pixels)
+        kwargs.setdefault("prompt_style", self.prompt_style)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
 
 ViLaVTProcessor.register_for_auto_class()
 
-__all__ = ["ViLaVTProcessor", "ImageLoadError", "open_image", "fit_image", "CHAT_TEMPLATE", "TURN_END"]
+__all__ = ["ViLaVTProcessor", "ImageLoadError", "open_image", "fit_image", "displayed_size", "CHAT_TEMPLATE", "TURN_END"]

@@ -11,7 +11,7 @@ from transformers import LogitsProcessorList
 
 from vilavt import tiny_vilavt
 from vilavt.scripted import ScriptedPolicy, answer_text
-from vilavt.trajectories import TrajectoryCollator, TrajectoryError, build_episode, load_trajectories
+from vilavt.trajectories import TrajectoryCollator, TrajectoryError, build_episode, load_trajectories, runs_of_model_turns
 from vilavt.remote_code.protocol_vilavt import render_tool_call
 
 TRAJECTORIES = [
@@ -66,24 +66,11 @@ def base_config(data, output_dir, **extra):
     )
 
 
-def runs(episode, flag=True):
-    """Maximal runs of tokens whose `sampled` flag equals `flag`, as (start, end)."""
-    out, i = [], 0
-    while i < len(episode.ids):
-        j = i
-        while j < len(episode.ids) and episode.sampled[j] == episode.sampled[i]:
-            j += 1
-        if episode.sampled[i] == flag:
-            out.append((i, j))
-        i = j
-    return out
-
-
 def test_labels_cover_exactly_the_assistant_turns(tiny, data):
     model, processor = tiny
     episode = build_episode(TRAJECTORIES[0], processor, model.config, image_root=data)
     tokenizer = processor.tokenizer
-    trained = [tokenizer.decode(episode.ids[i:j]) for i, j in runs(episode)]
+    trained = [tokenizer.decode(episode.ids[i:j]) for i, j in runs_of_model_turns(episode)]
     first_box = episode.trace.rounds[0].regions[0]["bbox_2d"]
     assert trained == [
         render_tool_call([(0, first_box)], "the red frame", "too small") + "<|im_end|>\n",
@@ -106,7 +93,7 @@ def test_trajectories_replay_through_the_live_loop(tiny, data):
     model, processor = tiny
     for row in TRAJECTORIES:
         episode = build_episode(row, processor, model.config, image_root=data)
-        turns = [processor.tokenizer.decode(episode.ids[i:j]).removesuffix("<|im_end|>\n") for i, j in runs(episode)]
+        turns = [processor.tokenizer.decode(episode.ids[i:j]).removesuffix("<|im_end|>\n") for i, j in runs_of_model_turns(episode)]
         originals = [Image.open(data / name).convert("RGB") for name in row["images"]]
         messages = [{"role": "user", "content": [*({"type": "image", "image": im} for im in originals), {"type": "text", "text": row["question"]}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")

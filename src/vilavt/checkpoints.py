@@ -4,6 +4,9 @@
   -> a ViLaVT starting checkpoint for SFT: the new query-path weights (`text_proj`, the per-block
   `instruct_key_proj` / `instruct_value_proj`) are initialised like the reference (normal(0, 0.02), zero
   bias), everything else is copied.
+* `convert_official`: an official ViLaVT checkpoint (the authors' config and key layout, including the
+  v3/v4 names `instruct_k_proj` / `instruct_v_proj`) -> a plug-in folder that loads with
+  `trust_remote_code=True`.
 
 Folders are written in the official key layout (`visual.*`, `model.*`, `lm_head.*`, `text_encoder.*`,
 `text_proj.*`), with the remote code, `auto_map`, the processor and the query tokenizer bundled.
@@ -76,6 +79,30 @@ class ShardWriter:
         weight_map = {k: renamed[v] for k, v in sorted(self.weight_map.items())}
         index = {"metadata": {"total_size": self.size}, "weight_map": weight_map}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+# Old (v3/v4) names of the query projections, and keys the model never used.
+RENAMES = ((".instruct_k_proj.", ".instruct_key_proj."), (".instruct_v_proj.", ".instruct_value_proj."))
+UNUSED = ("visual.sep_token_embedding.weight",)
+
+
+def expected_keys(config: ViLaVTConfig) -> set[str]:
+    """The state-dict keys of `config`'s model, in the official layout (computed on the meta device)."""
+    from .remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
+
+    with torch.device("meta"):
+        model = ViLaVTForConditionalGeneration(config)
+    prefixes = (("model.visual.", "visual."), ("model.language_model.", "model."), ("model.text_encoder.", "text_encoder."), ("model.text_proj.", "text_proj."))
+    keys = set()
+    for key in model.state_dict():
+        for new, old in prefixes:
+            if key.startswith(new):
+                key = old + key[len(new) :]
+                break
+        keys.add(key)
+    if config.tie_word_embeddings:
+        keys.discard("lm_head.weight")
+    return keys
 
 
 def copy_remote_code(folder: Path) -> None:
@@ -179,3 +206,86 @@ def init_from_base(
     processor.save_pretrained(out)
     logger.info("wrote %s (%d shards)", out, writer.count)
     return out
+
+
+def derived_query_tokenizer(tokenizer, max_length: int = 50):
+    """A Qwen3-Embedding-style query tokenizer from a Qwen2.5 tokenizer: the byte-level BPE is shared, so
+    only the behaviour differs — `<|endoftext|>` appended to every query, right padding with it."""
+    import copy
+
+    from tokenizers import processors
+
+    query = copy.deepcopy(tokenizer)
+    eos = query.convert_tokens_to_ids("<|endoftext|>")
+    query._tokenizer.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    query.pad_token, query.padding_side, query.model_max_length = "<|endoftext|>", "right", max_length
+    return query
+
+
+def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
+    """Convert an official ViLaVT checkpoint folder into a plug-in folder, shard by shard.
+
+    `tokenizer` / `query_tokenizer`: folders to take them from when `src` has none (the official folders
+    carry the Qwen2.5-VL tokenizer but not the Qwen3-Embedding one; without `query_tokenizer` it is
+    derived from the main tokenizer, which shares its vocabulary).
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .remote_code.processing_vilavt import ViLaVTProcessor
+
+    src, dst = Path(src), Path(dst)
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("auto_map", None)
+    config = ViLaVTConfig(**raw)
+    config.architectures = ["ViLaVTForConditionalGeneration"]
+    dst.mkdir(parents=True, exist_ok=True)
+    expected, seen = expected_keys(config), set()
+    shards = shard_files(src)
+    writer = ShardWriter(dst, len(shards))
+    for path in shards:
+        tensors = {}
+        with safe_open(path, "pt") as shard:
+            for key in shard.keys():
+                name = official_key(key)
+                for old, new in RENAMES:
+                    name = name.replace(old, new)
+                if name in UNUSED:
+                    continue
+                tensors[name] = shard.get_tensor(key)
+        seen |= tensors.keys()
+        writer.write(tensors)
+        del tensors
+    missing, unexpected = sorted(expected - seen), sorted(seen - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{src} does not match its config: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    writer.finish()
+    config.save_pretrained(dst)
+    copy_remote_code(dst)
+    if (src / "generation_config.json").exists():
+        shutil.copy(src / "generation_config.json", dst / "generation_config.json")
+
+    tokenizer_source = Path(tokenizer) if tokenizer else src
+    if not (tokenizer_source / "tokenizer_config.json").exists():
+        logger.warning("no tokenizer in %s: the folder has weights and config but no processor", tokenizer_source)
+        return dst
+    main_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=config)
+    if query_tokenizer:
+        queries = AutoTokenizer.from_pretrained(query_tokenizer)
+        queries.padding_side = "right"
+    else:
+        queries = derived_query_tokenizer(main_tokenizer, config.max_query_length)
+    preprocessor = {}
+    for source in (src, tokenizer_source):
+        if (source / "preprocessor_config.json").exists():
+            preprocessor = json.loads((source / "preprocessor_config.json").read_text())
+            break
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=preprocessor.get("min_pixels", 4 * 28 * 28), max_pixels=preprocessor.get("max_pixels", 8192 * 28 * 28)
+    )
+    processor = ViLaVTProcessor(image_processor, main_tokenizer, queries, max_query_length=config.max_query_length)
+    processor.save_pretrained(dst)
+    return dst

@@ -1,8 +1,15 @@
 """The `vilavt` command.
 
+    vilavt demo [--seed S] [--type single|multi|nested] [--out PNG]         the shipped model solves a synthetic task
+    vilavt chat --image PATH [--image PATH ...] --question TEXT [--model M] [--out PNG]
+    vilavt synth-eval --n N --seed S [--type T] [--no-tools] [--initial-max-pixels P] [--model M]
     vilavt init --base QWEN2_5_VL --encoder QWEN3_EMBEDDING --out DIR     assemble a starting checkpoint
     vilavt sft  --config FILE.yaml [--key value ...]                         stage 1 (TRL SFTTrainer)
     vilavt grpo --config FILE.yaml [--key value ...]                         stage 2 (TRL GRPOTrainer)
+    vilavt eval --benchmark FILE.json --image-root DIR --model M [...]      the paper's benchmarks
+    vilavt convert SRC DST [--tokenizer DIR] [--query-tokenizer DIR]         official checkpoint -> plug-in folder
+    vilavt export DST [--src SRC]                                            a self-contained remote-code folder
+    vilavt push DIR REPO_ID [--private] [--dry-run]                          upload a checkpoint folder
 
 Any key of a run config can be overridden on the command line (`--max_steps 3`, `--lora.r 8`). For several
 GPUs, launch through accelerate: `accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml
@@ -10,6 +17,7 @@ GPUs, launch through accelerate: `accelerate launch --config_file examples/accel
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -55,10 +63,117 @@ def _init(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt demo", description="the shipped tiny model solves a synthetic zoom task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--type", default="single", choices=("single", "multi", "nested"))
+    parser.add_argument("--out", default="vilavt-demo-trace.png")
+    parser.add_argument("--model", default=None, help="default: the shipped checkpoint")
+    args = parser.parse_args(argv)
+    from .demo import demo
+
+    demo(args.seed, args.type, args.out, args.model)
+    return 0
+
+
+def _chat(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt chat", description="ask a question about images")
+    parser.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped one)")
+    parser.add_argument("--out", default=None, help="write the trace picture here")
+    parser.add_argument("--max-rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    from .demo import chat
+    from .remote_code.processing_vilavt import ImageLoadError
+
+    try:
+        chat(args.image, args.question, args.model, args.out, args.max_rounds)
+    except ImageLoadError as err:
+        print(f"vilavt chat: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _synth_eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt synth-eval", description="accuracy on held-out synthetic zoom tasks")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=10_000_000, help="first task seed (training uses seeds below 10^7)")
+    parser.add_argument("--type", default="single", help="single, multi, nested, or a comma-separated mix")
+    parser.add_argument("--no-tools", action="store_true", help="a single look: the model may not call the tool")
+    parser.add_argument("--initial-max-pixels", type=int, default=None, help="pixel budget of the original images")
+    parser.add_argument("--model", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    from .demo import load, synth_eval, synth_eval_table
+
+    model, processor = load(args.model)
+    summary = synth_eval(
+        model, processor, args.n, args.seed, args.type.split(","), args.no_tools, args.initial_max_pixels, args.batch_size
+    )
+    label = f"{'single look (no tools)' if args.no_tools else 'with tools'}, initial budget {args.initial_max_pixels or processor.max_pixels} px"
+    print(synth_eval_table(summary, label))
+    print(json.dumps(summary))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt export", description="checkpoint folder -> self-contained remote-code folder")
+    parser.add_argument("dst")
+    parser.add_argument("--src", default=None, help="checkpoint folder (default: the shipped checkpoint)")
+    args = parser.parse_args(argv)
+    from .demo import export, shipped_checkpoint
+
+    print(f"saved {export(args.src or shipped_checkpoint(), args.dst)}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from .benchmarks import eval_main
+
+    return eval_main(argv)
+
+
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt convert", description="official ViLaVT checkpoint -> plug-in folder")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--tokenizer", help="folder with the Qwen2.5-VL tokenizer, if SRC has none")
+    parser.add_argument("--query-tokenizer", help="Qwen3-Embedding tokenizer folder (default: derived from the main one)")
+    args = parser.parse_args(argv)
+    from .checkpoints import convert_official
+
+    print(f"saved {convert_official(args.src, args.dst, args.tokenizer, args.query_tokenizer)}")
+    return 0
+
+
+def _push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt push", description="upload a checkpoint folder to the Hub")
+    parser.add_argument("folder")
+    parser.add_argument("repo_id")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--message", default="Upload ViLaVT")
+    parser.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded")
+    args = parser.parse_args(argv)
+    from .hub import push
+
+    files = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, dry_run=args.dry_run)
+    print("\n".join(files))
+    print(f"{'would upload' if args.dry_run else 'uploaded'} {len(files)} files to {args.repo_id}")
+    return 0
+
+
 COMMANDS = {
+    "demo": _demo,
+    "chat": _chat,
+    "synth-eval": _synth_eval,
     "init": _init,
     "sft": lambda argv: _train("sft", argv),
     "grpo": lambda argv: _train("grpo", argv),
+    "eval": _eval,
+    "convert": _convert,
+    "export": _export,
+    "push": _push,
 }
 
 

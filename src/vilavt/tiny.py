@@ -38,8 +38,17 @@ QWEN_SPECIAL_TOKENS = [
 # which keeps tiny models' sequences short.
 PROTOCOL_TOKENS = ["<think>", "</think>", "<tool>", "</tool>", "<answer>", "</answer>", "<tool_response>", "</tool_response>"]
 
+# Box coordinates on the 28-pixel token grid, written the way tool calls write them.
+_GRID = [28 * i for i in range(17)]
+_BOXES = [json.dumps({"index": i % 3, "bbox_2d": [a, b, c, d]}) for i, (a, b, c, d) in enumerate(zip(_GRID, _GRID[3:] + _GRID[:3], _GRID[1:] + _GRID[:1], _GRID[4:] + _GRID[:4]))]
+
 _CORPUS = [
     CHAT_TEMPLATE,
+    " ".join(_BOXES),
+    "The digit is too small to read. Zoom in on the red frame. Still too small. Zoom in again. The digits are 3 and 7.",
+    "Both digits are too small to read. Zoom in on both red frames. the digit inside the red frame. the digits inside the red frames",
+    "The index of the zoom-in image is 1 (width: 224, height: 224). Continue. No more tool calls. Answer now:",
+    "What digit is inside the red frame? Is the digit in image 0 larger than the digit in image 1? yes no",
     "0123456789 0 1 2 3 4 5 6 7 8 9 10 11 12 100 255 512 1024",
     "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
     '{"region": [{"index": 0, "bbox_2d": [10, 20, 30, 40]}], "query": "what digit is in the red frame?"}',
@@ -56,12 +65,12 @@ def _bpe(vocab_size: int) -> tuple[dict, list]:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(_CORPUS * 8, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
-def build_tokenizers(vocab_size: int = 512) -> tuple[Qwen2Tokenizer, Qwen2Tokenizer]:
+def build_tokenizers(vocab_size: int = 1024) -> tuple[Qwen2Tokenizer, Qwen2Tokenizer]:
     """(chat tokenizer, query tokenizer), built offline in well under a second."""
     vocab, merges = _bpe(vocab_size)
 
@@ -123,6 +132,24 @@ def tiny_config(tokenizer=None, query_tokenizer=None, **overrides) -> ViLaVTConf
     )
 
 
+# The demo model of the synthetic zoom task: a little larger than the test model; originals share about
+# 112 x 112 pixels (16 image tokens), crops are shown at about 224 x 224 (64 tokens); the compact prompt.
+DEMO_CONFIG = dict(
+    vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128),
+    text_config=dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        # With head_dim 32 and Qwen's rope_theta 1e6 the height/width sections would rotate by ~1e-4 rad per
+        # token: image positions would be invisible to the LLM and boxes unlearnable.
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 7, 7], "rope_theta": 100.0},
+    ),
+    text_encoder_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    initializer_range=0.02,
+)  # fmt: skip
+DEMO_PROCESSOR = dict(
+    max_pixels=112 * 112, min_pixels=56 * 56, crop_max_pixels=224 * 224, crop_min_pixels=224 * 224, prompt_style="compact"
+)
+
+
 def tiny_processor(tokenizer=None, query_tokenizer=None, max_pixels: int = 56 * 56 * 16, **kwargs) -> ViLaVTProcessor:
     if tokenizer is None or query_tokenizer is None:
         tokenizer, query_tokenizer = build_tokenizers()
@@ -133,11 +160,17 @@ def tiny_processor(tokenizer=None, query_tokenizer=None, max_pixels: int = 56 * 
     )
 
 
-def tiny_vilavt(seed: int = 0, attn_implementation: str = "sdpa", processor_kwargs=None, **config_overrides):
+def tiny_vilavt(seed: int = 0, attn_implementation: str = "sdpa", processor_kwargs=None, preset: str = "test", **config_overrides):
     """(model, processor): a randomly initialised tiny ViLaVT (float32, eval mode) and its processor.
 
-    Deterministic for a given seed; no file or network access.
+    `preset="demo"` gives the synthetic-task model (`DEMO_CONFIG`, `DEMO_PROCESSOR`). Deterministic for a
+    given seed; no file or network access.
     """
+    if preset == "demo":
+        config_overrides = {**json.loads(json.dumps(DEMO_CONFIG)), **config_overrides}
+        processor_kwargs = {**DEMO_PROCESSOR, **(processor_kwargs or {})}
+    elif preset != "test":
+        raise ValueError(f"preset must be 'test' or 'demo', got {preset!r}")
     tokenizer, query_tokenizer = build_tokenizers()
     config = tiny_config(tokenizer, query_tokenizer, **config_overrides)
     config._attn_implementation = attn_implementation

@@ -139,6 +139,18 @@ def build_episode(row: dict, processor, config, image_root=None, max_rounds: int
     return episode
 
 
+def runs_of_model_turns(episode: Episode) -> list[tuple[int, int]]:
+    """(start, end) of each run of tokens the model writes (`episode.sampled`), in order."""
+    runs, start = [], None
+    for position, written in enumerate([*episode.sampled, False]):
+        if written and start is None:
+            start = position
+        elif not written and start is not None:
+            runs.append((start, position))
+            start = None
+    return runs
+
+
 class TrajectoryCollator:
     """Turns trajectory rows into a padded training batch: model inputs for every conversation (all
     images; query rows offset per sample in `image_to_query_mapping`) and labels on assistant tokens.

@@ -1,0 +1,768 @@
+"""Benchmark evaluation (`vilavt eval`): the paper's benchmark files, the questions the model is asked,
+the reference's metrics, and a batched, resumable runner over the chatting loop.
+
+Benchmark files (REFERENCE.md §5.1) are JSON lists (or JSONL files) of items. Fields used:
+  question_id          the item's id (the position in the file when absent; a repeated id gets `#<position>`)
+  question             the question text; ERQA's contains literal `<image>` tags
+  answer               the gold answer ("B", "A. right", "3.2", "move_right:1,move_forward:2")
+  problem_type         multiple choice | numerical | regression | vci (SPAR view change); the rewards'
+                       judgment / free text (and aliases) are accepted too
+  images / image / frames   image paths, relative to the image root (a video = its frames); may be absent
+  options              the options of a multiple-choice item, or null when they are inline in the question
+  category / original_question_type / task   the first present one is the item's category
+  num_images, visual_indices   (ERQA) checked against `images` and the `<image>` tags
+
+Questions (REFERENCE.md §2.1, the reference's HF evaluator): for a multiple-choice item with an options
+list, the options are appended, one per line; then the problem type's instruction, on its own line
+(multiple choice: "Answer with the option's letter from the given choices directly."; numerical and
+regression: "Please answer the question using a single word or phrase (e.g., 42 or 3.14)."; none for vci).
+As in the reference, ERQA gets no instruction: its questions already end with one.
+
+ERQA's `<image>` tags: the reference interleaves images and text at the tags, but the ViLaVT chat template
+shows all images first, each followed by "The index of the provided image is i.". So the images keep
+their order and the k-th tag (0-based) becomes the reference "[image k]" in the text. `visual_indices`,
+when given, are the tags' character offsets in the tag-free question; a mismatch is logged.
+
+Metrics (REFERENCE.md §5.2, `eval/cal_metrics.py`) compare the `<answer>` content (as the reference: the
+whole text of a response without one; in a run, a generation that ends without an answer scores 0):
+  multiple choice   first characters equal, case-insensitive (an empty answer scores 0, no crash);
+  numerical         both or neither contain "." or ","; the numbers (commas removed) equal when rounded
+                    to 2 decimals;
+  regression        MRA over θ ∈ {0.50, …, 0.95} with |p − g| / |g| ≤ 1 − θ (the reward uses <);
+  vci               "action:value" lists; for the 5 pairs in `VIEW_CHANGE_PAIRS` the net value
+                    (e.g. move_right − move_left), then the mean MRA over the pairs; unparsable → 0;
+  judgment, free text   `vilavt.rewards.score_answer`.
+Each item is asked `avg_k` times (Avg@k: an item's score is its samples' mean). Overall: the mean over
+items; for VSI-Bench and SPAR-Bench the mean of the per-type means (their scripts; VSI-Bench types lose
+their _easy/_medium/_hard suffix; SPAR-Bench types are also grouped into Low / Medium / High).
+
+Results are JSON lines, one per item and sample: benchmark, id, sample, answer, gold, score, rounds,
+stop_reason, error. A rerun with the same file skips the (id, sample) pairs already done; pairs that
+failed (e.g. a missing image) are tried again. A failed sample scores 0 and stays in the denominator.
+"""
+
+import argparse
+import json
+import logging
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .remote_code.processing_vilavt import ImageLoadError, open_image
+from .remote_code.protocol_vilavt import extract_answer
+from .rewards import mean_relative_accuracy, problem_kind, score_answer
+
+logger = logging.getLogger(__name__)
+
+MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+NUMBER_INSTRUCTION = "Please answer the question using a single word or phrase (e.g., 42 or 3.14)."
+INSTRUCTIONS = {
+    "multiple choice": MULTIPLE_CHOICE_INSTRUCTION,
+    "numerical": NUMBER_INSTRUCTION,
+    "regression": NUMBER_INSTRUCTION,
+}
+# Benchmarks whose questions already carry their answer instruction (the reference's HF evaluator).
+NO_INSTRUCTION_BENCHMARKS = ("erqa",)
+EVAL_PROBLEM_TYPES = ("multiple choice", "numerical", "regression", "vci")
+REWARD_PROBLEM_TYPES = ("judgment", "free text")  # scored by vilavt.rewards.score_answer
+
+IMAGE_TAG = "<image>"
+IMAGE_FIELDS = ("images", "image", "frames")
+CATEGORY_FIELDS = ("category", "original_question_type", "task")
+
+# SPAR-Bench view change: (positive, negative) actions whose net value is compared.
+VIEW_CHANGE_PAIRS = (
+    ("move_right", "move_left"),
+    ("move_up", "move_down"),
+    ("move_forward", "move_backward"),
+    ("rotate_right", "rotate_left"),
+    ("rotate_up", "rotate_down"),
+)
+
+# VSI-Bench and SPAR-Bench (by file name): overall = the mean of the per-type means (their reference scripts).
+VSI_BENCH = re.compile(r"vsi[-_ ]?bench", re.IGNORECASE)
+SPAR_BENCH = re.compile(r"spar[-_ ]?bench", re.IGNORECASE)
+VSI_DIFFICULTY = re.compile(r"_(easy|medium|hard)$")
+# SPAR-Bench's levels, by keyword in the question type; first match wins (distance_infer is High,
+# other distance types Low).
+SPAR_LEVELS = (
+    ("distance_infer", "High"),
+    ("depth", "Low"),
+    ("distance", "Low"),
+    ("position_matching", "Medium"),
+    ("camera_motion", "Medium"),
+    ("view_change", "Medium"),
+    ("spatial_relation", "High"),
+    ("spatial_imagination", "High"),
+)
+
+
+class BenchmarkError(ValueError):
+    """A benchmark or results file, or an item, that cannot be used; the message names the file (and item)."""
+
+
+@dataclass
+class Item:
+    """One benchmark question, ready for the model."""
+
+    id: str
+    benchmark: str
+    images: list[str]  # paths as given in the file (relative to the image root)
+    question: str  # as the model is asked it
+    answer: str  # gold
+    problem_type: str  # canonical
+    category: str
+    options: list[str] | None
+
+
+# ---- reading benchmark files ------------------------------------------------------------------------
+
+
+def benchmark_name(path) -> str:
+    return Path(path).stem
+
+
+def read_benchmark_records(path) -> list[dict]:
+    """The raw items of a JSON list or JSONL file; malformed JSON is an error with its line and column."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                records.append(_decode_json(line, path, line_offset=number - 1))
+    else:
+        records = _decode_json(text, path)
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question)")
+    return records
+
+
+def _decode_json(text: str, path: Path, line_offset: int = 0):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BenchmarkError(
+            f"{path}: invalid JSON at line {err.lineno + line_offset}, column {err.colno}: {err.msg}"
+        ) from None
+
+
+def canonical_problem_type(value) -> str:
+    """The metric's name for a problem type; a ValueError naming an unknown one."""
+    name = str(value).strip().lower()
+    if name in EVAL_PROBLEM_TYPES:
+        return name
+    try:
+        return problem_kind(name)
+    except ValueError:
+        known = ", ".join(EVAL_PROBLEM_TYPES + REWARD_PROBLEM_TYPES)
+        raise ValueError(f"unknown problem_type {value!r}; known: {known}") from None
+
+
+def adds_instruction(benchmark: str) -> bool:
+    return not any(name in benchmark.lower() for name in NO_INSTRUCTION_BENCHMARKS)
+
+
+def build_question(question: str, problem_type: str, options: list | None = None, instruction: bool = True) -> str:
+    """The question as the model is asked it (REFERENCE.md §2.1): options of a multiple-choice item one per
+    line, then the problem type's instruction; `<image>` tags must have been replaced already."""
+    kind = canonical_problem_type(problem_type)
+    text = question
+    if kind == "multiple choice" and options is not None:
+        text += "\n" + "\n".join(str(option) for option in options)
+    if instruction and kind in INSTRUCTIONS:
+        text += "\n" + INSTRUCTIONS[kind]
+    return text
+
+
+def replace_image_tags(question: str) -> str:
+    """`<image>` tags → "[image k]" (k-th tag, 0-based), spaced from the surrounding text: the chat template
+    shows every image first, with its index."""
+    parts = question.split(IMAGE_TAG)
+    text = parts[0]
+    for index, part in enumerate(parts[1:]):
+        if text and not text[-1].isspace():
+            text += " "
+        text += f"[image {index}]"
+        if part and not part[0].isspace():
+            text += " "
+        text += part
+    return text
+
+
+def image_tag_offsets(question: str) -> list[int]:
+    """Character offsets of the `<image>` tags in the tag-free question (what ERQA's visual_indices hold)."""
+    parts = question.split(IMAGE_TAG)
+    return [len("".join(parts[: k + 1])) for k in range(len(parts) - 1)]
+
+
+def image_paths(record: dict) -> list[str]:
+    for field in IMAGE_FIELDS:
+        value = record.get(field)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(path, str) for path in value):
+            return list(value)
+        raise ValueError(f"`{field}` must be a path or a list of paths, got {type(value).__name__}")
+    return []
+
+
+def category_of(record: dict, benchmark: str) -> str:
+    category = next((str(record[f]) for f in CATEGORY_FIELDS if record.get(f) not in (None, "")), "all")
+    if VSI_BENCH.search(benchmark):
+        category = VSI_DIFFICULTY.sub("", category)  # VSI-Bench scores easy/medium/hard of a type together
+    return category
+
+
+def parse_item(record: dict, benchmark: str, position: int) -> Item:
+    """One raw item as an `Item`; a ValueError says what is wrong (the caller adds file and id)."""
+    question = record.get("question")
+    if not isinstance(question, str):
+        raise ValueError("has no `question` text")
+    if record.get("answer") is None:
+        raise ValueError("has no `answer`")
+    if record.get("problem_type") is None:
+        raise ValueError("has no `problem_type`")
+    kind = canonical_problem_type(record["problem_type"])
+    images = image_paths(record)
+    if record.get("num_images") is not None and record["num_images"] != len(images):
+        raise ValueError(f"num_images is {record['num_images']} but {len(images)} images are listed")
+    tags = question.count(IMAGE_TAG)
+    if tags:
+        if tags != len(images):
+            raise ValueError(f"the question has {tags} {IMAGE_TAG} tags but {len(images)} images are listed")
+        visual_indices = record.get("visual_indices")
+        if isinstance(visual_indices, list) and visual_indices and visual_indices != image_tag_offsets(question):
+            logger.warning(
+                "%s item %s: visual_indices %s do not match the %s tags' offsets %s; images keep their listed order",
+                benchmark, record.get("question_id", position), visual_indices, IMAGE_TAG,
+                image_tag_offsets(question),
+            )
+        question = replace_image_tags(question)
+    options = record.get("options")
+    if options is not None and not isinstance(options, list):
+        raise ValueError(f"`options` must be a list or null, got {type(options).__name__}")
+    return Item(
+        id=str(position if record.get("question_id") is None else record["question_id"]),
+        benchmark=benchmark,
+        images=images,
+        question=build_question(question, kind, options, instruction=adds_instruction(benchmark)),
+        answer=str(record["answer"]),
+        problem_type=kind,
+        category=category_of(record, benchmark),
+        options=options,
+    )
+
+
+def item_label(record: dict, position: int) -> str:
+    return f"item {position}" + (f" (question_id {record['question_id']!r})" if "question_id" in record else "")
+
+
+def load_benchmark(path) -> list[Item]:
+    """The items of a benchmark file; a corrupt file or item is a `BenchmarkError` naming the file (and item)."""
+    benchmark = benchmark_name(path)
+    items = []
+    for position, record in enumerate(read_benchmark_records(path)):
+        try:
+            items.append(parse_item(record, benchmark, position))
+        except ValueError as err:
+            raise BenchmarkError(f"{path}: {item_label(record, position)} {err}") from None
+    return make_ids_unique(items)
+
+
+def make_ids_unique(items: list[Item]) -> list[Item]:
+    """Results are keyed by id: a repeated question_id gets `#<position>` (stable while the file is)."""
+    seen = set()
+    for position, item in enumerate(items):
+        if item.id in seen:
+            logger.warning("%s: question_id %r repeats; item %d is %r", item.benchmark, item.id, position,
+                           f"{item.id}#{position}")
+            item.id = f"{item.id}#{position}"
+        seen.add(item.id)
+    return items
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+
+def answer_content(text) -> str | None:
+    """The `<answer>` content of a response, or the whole (stripped) text without one."""
+    if text is None:
+        return None
+    text = str(text)
+    content = extract_answer(text)
+    return content if content is not None else text.strip()
+
+
+def to_number(text: str) -> float | None:
+    """The whole text as a number (commas dropped), or None."""
+    try:
+        value = float(text.strip().replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def score_multiple_choice(prediction: str, gold: str) -> float:
+    prediction, gold = prediction.strip(), gold.strip()
+    return float(bool(prediction) and bool(gold) and prediction[0].lower() == gold[0].lower())
+
+
+def score_numerical(prediction: str, gold: str) -> float:
+    def has_separator(text: str) -> bool:
+        return "." in text or "," in text
+
+    if has_separator(prediction) != has_separator(gold):
+        return 0.0
+    value, gold_value = to_number(prediction), to_number(gold)
+    if value is None or gold_value is None:
+        return 0.0
+    return float(round(value, 2) == round(gold_value, 2))
+
+
+def score_regression(prediction: str, gold: str) -> float:
+    value, gold_value = to_number(prediction), to_number(gold)
+    if value is None or gold_value is None:
+        return 0.0
+    return mean_relative_accuracy(value, gold_value, inclusive=True)
+
+
+def parse_view_change(text: str) -> dict[str, float]:
+    """"move_right:1,rotate_left:30" → {"move_right": 1.0, "rotate_left": 30.0}; a ValueError if malformed."""
+    actions = {}
+    for part in text.split(","):
+        name, colon, value = part.partition(":")
+        if not colon:
+            raise ValueError(f"not an action:value pair: {part!r}")
+        actions[name.strip().lower()] = float(value)
+    return actions
+
+
+def score_view_change(prediction: str, gold: str) -> float:
+    """Mean MRA of the net value of each action pair (SPAR-Bench view change)."""
+    try:
+        predicted, expected = parse_view_change(prediction), parse_view_change(gold)
+    except ValueError:
+        return 0.0
+
+    def net(actions, positive, negative):
+        return actions.get(positive, 0.0) - actions.get(negative, 0.0)
+
+    scores = [
+        mean_relative_accuracy(net(predicted, *pair), net(expected, *pair), inclusive=True)
+        for pair in VIEW_CHANGE_PAIRS
+    ]
+    return sum(scores) / len(scores)
+
+
+EVAL_METRICS = {
+    "multiple choice": score_multiple_choice,
+    "numerical": score_numerical,
+    "regression": score_regression,
+    "vci": score_view_change,
+}
+
+
+def score_benchmark_answer(prediction: str | None, gold, problem_type: str) -> float:
+    """Score a response (or its extracted answer) against the gold answer with the evaluation metric of
+    `problem_type`; no answer scores 0; an unknown problem type is a ValueError naming it."""
+    kind = canonical_problem_type(problem_type)
+    prediction, gold = answer_content(prediction), answer_content(gold)
+    if not prediction or gold is None:
+        return 0.0
+    if kind in EVAL_METRICS:
+        return EVAL_METRICS[kind](prediction, gold)
+    return score_answer(prediction, gold, kind)
+
+
+# ---- summaries --------------------------------------------------------------------------------------
+
+
+def item_scores(items: list[Item], records: dict, avg_k: int = 1) -> dict[str, float]:
+    """Each item's Avg@k: the mean score of its samples present in `records` (failed ones score 0)."""
+    scores = {}
+    for item in items:
+        samples = [records[(item.id, s)]["score"] for s in range(avg_k) if (item.id, s) in records]
+        if samples:
+            scores[item.id] = sum(samples) / len(samples)
+    return scores
+
+
+def uses_category_mean(benchmark: str) -> bool:
+    return bool(VSI_BENCH.search(benchmark) or SPAR_BENCH.search(benchmark))
+
+
+def spar_level(category: str) -> str | None:
+    return next((level for keyword, level in SPAR_LEVELS if keyword in category.lower()), None)
+
+
+def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
+    """Accuracy overall and per category from the records of `items` ((id, sample) → record)."""
+    benchmark = items[0].benchmark if items else ""
+    scores = item_scores(items, records, avg_k)
+    by_category: dict[str, list[float]] = {}
+    for item in items:
+        if item.id in scores:
+            by_category.setdefault(item.category, []).append(scores[item.id])
+    categories = {
+        name: {"accuracy": statistics.fmean(values), "items": len(values)}
+        for name, values in sorted(by_category.items())
+    }
+    category_mean = uses_category_mean(benchmark)
+    if not scores:
+        overall = None
+    elif category_mean:
+        overall = statistics.fmean(c["accuracy"] for c in categories.values())
+    else:
+        overall = statistics.fmean(scores.values())
+    pairs = [records[(item.id, s)] for item in items for s in range(avg_k) if (item.id, s) in records]
+    failed = [r for r in pairs if r.get("error")]
+    done = [r for r in pairs if not r.get("error")]
+    summary = {
+        "benchmark": benchmark,
+        "accuracy": overall,
+        "overall": "mean of category means" if category_mean else "mean over items",
+        "avg_k": avg_k,
+        "items": len(items),
+        "items_scored": len(scores),
+        "samples": len(done),
+        "answered": sum(r.get("answer") is not None for r in done),
+        "mean_rounds": statistics.fmean(r.get("rounds") or 0 for r in done) if done else None,
+        "errors": len(failed),
+        "pending": len(items) * avg_k - len(pairs),
+        "categories": categories,
+        "error_items": [{"id": r["id"], "sample": r["sample"], "error": r["error"]} for r in failed],
+    }
+    if SPAR_BENCH.search(benchmark):
+        summary["levels"] = spar_levels(categories)
+    return summary
+
+
+def spar_levels(categories: dict) -> dict:
+    """SPAR-Bench Low / Medium / High: the mean of their types' means."""
+    grouped: dict[str, list[float]] = {}
+    for name, entry in categories.items():
+        level = spar_level(name)
+        if level is None:
+            logger.warning("SPAR-Bench type %r belongs to no level; left out of the levels", name)
+            continue
+        grouped.setdefault(level, []).append(entry["accuracy"])
+    return {level: statistics.fmean(grouped[level]) for level in ("Low", "Medium", "High") if level in grouped}
+
+
+def format_table(summary: dict) -> str:
+    """The per-category table (accuracy in %) that `vilavt eval` prints."""
+
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    rows = [(name, str(entry["items"]), percent(entry["accuracy"])) for name, entry in summary["categories"].items()]
+    rows += [(f"level {name}", "", percent(value)) for name, value in summary.get("levels", {}).items()]
+    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(summary["items_scored"]),
+                 percent(summary["accuracy"])))
+    width = max(len(row[0]) for row in rows + [("category",)])
+    lines = [f"{'category':<{width}}  {'items':>6}  {'acc %':>7}"]
+    lines += [f"{name:<{width}}  {count:>6}  {value:>7}" for name, count, value in rows]
+    if summary["errors"]:
+        lines.append(f"{summary['errors']} sample(s) failed and scored 0 (see error_items)")
+    return "\n".join(lines)
+
+
+# ---- results files ----------------------------------------------------------------------------------
+
+
+def read_results(path, benchmark: str) -> dict:
+    """(id, sample) → the latest record in a results file (none if it does not exist). A line cut short by
+    an interrupted run is skipped with a warning; records of another benchmark are an error."""
+    path = Path(path)
+    records = {}
+    if not path.exists():
+        return records
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = (str(record["id"]), int(record["sample"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                logger.warning("%s:%d: unreadable result line skipped (an interrupted write?)", path, number)
+                continue
+            if record.get("benchmark") != benchmark:
+                raise BenchmarkError(
+                    f"{path}:{number}: results of benchmark {record.get('benchmark')!r}, not {benchmark!r}; "
+                    "use another --out file"
+                )
+            records[key] = record
+    return records
+
+
+def append_results(path, records: list[dict]) -> None:
+    """Append records as JSON lines (after completing a line an interrupted run left unterminated)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a", encoding="utf-8") as out:
+        if needs_newline:
+            out.write("\n")
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def result_record(item: Item, sample: int, **fields) -> dict:
+    record = dict(benchmark=item.benchmark, id=item.id, sample=sample, answer=None, gold=item.answer, score=0.0,
+                  rounds=0, stop_reason=None, error=None)
+    record.update(fields)
+    return record
+
+
+# ---- running a model --------------------------------------------------------------------------------
+
+
+def resolve_image(image_root, path: str) -> Path:
+    return Path(image_root) / path  # an absolute path stays as it is
+
+
+def load_originals(item: Item, image_root) -> list:
+    """The item's images, full resolution; `ImageLoadError` names a missing or unreadable file."""
+    return [open_image(resolve_image(image_root, path)) for path in item.images]
+
+
+def conversation_for(item: Item, originals: list) -> list[dict]:
+    """The first user turn: every image (the template adds its index line), then the question."""
+    content = [{"type": "image", "image": image} for image in originals]
+    content.append({"type": "text", "text": item.question})
+    return [{"role": "user", "content": content}]
+
+
+def generate_rows(model, processor, rows: list[tuple[Item, int, list]], max_rounds: int, max_pixels=None,
+                  **generate_kwargs) -> list[dict]:
+    """One batched generation for `rows` of (item, sample, original images); one record per row."""
+    inputs = processor.apply_chat_template(
+        [conversation_for(item, originals) for item, _, originals in rows],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True},
+        max_pixels=max_pixels,
+    ).to(model.device)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            images=[originals for _, _, originals in rows],
+            processor=processor,
+            max_rounds=max_rounds,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+    records = []
+    for (item, sample, _), trace in zip(rows, output.traces):
+        score = score_benchmark_answer(trace.answer, item.answer, item.problem_type)
+        records.append(result_record(item, sample, answer=trace.answer, score=score, rounds=len(trace.rounds),
+                                     stop_reason=trace.stop_reason))
+    return records
+
+
+def evaluate_batch(model, processor, batch: list[tuple[Item, int]], image_root, max_rounds: int, max_pixels=None,
+                   **generate_kwargs) -> list[dict]:
+    """Records for a batch of (item, sample): items whose images cannot be loaded are recorded as errors,
+    the others are generated together."""
+    failed, rows, loaded = [], [], {}
+    for item, sample in batch:
+        if item.id not in loaded:
+            try:
+                loaded[item.id] = load_originals(item, image_root)
+            except ImageLoadError as err:
+                logger.warning("%s item %s: %s", item.benchmark, item.id, err)
+                loaded[item.id] = err
+        originals = loaded[item.id]
+        if isinstance(originals, ImageLoadError):
+            failed.append(result_record(item, sample, error=str(originals)))
+        else:
+            rows.append((item, sample, originals))
+    generated = generate_rows(model, processor, rows, max_rounds, max_pixels, **generate_kwargs) if rows else []
+    return failed + generated
+
+
+def pending_pairs(items: list[Item], records: dict, avg_k: int) -> list[tuple[Item, int]]:
+    """(item, sample) pairs without a successful record, item by item: an item's samples are adjacent, so
+    they tend to share a batch (and their identical prompts one prefill)."""
+    return [
+        (item, sample)
+        for item in items
+        for sample in range(avg_k)
+        if (item.id, sample) not in records or records[(item.id, sample)].get("error")
+    ]
+
+
+def run_eval(
+    benchmark_path,
+    image_root,
+    model,
+    processor,
+    batch_size: int = 1,
+    max_rounds: int = 5,
+    avg_k: int = 1,
+    limit: int | None = None,
+    out_path=None,
+    progress: bool = True,
+    *,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    max_pixels: int | None = None,
+    **generate_kwargs,
+) -> dict:
+    """Evaluate `model` on a benchmark file through its chatting loop; returns `summarize(...)`.
+
+    Args:
+        image_root: the folder image paths are relative to (None: the benchmark file's folder).
+        batch_size: rows (item × sample) per `generate` call.
+        max_rounds: tool calls allowed per answer.
+        avg_k: samples per item (Avg@k); sampling is on by default when k > 1, greedy otherwise.
+        limit: evaluate only the first `limit` items.
+        out_path: JSONL results file, appended after every batch; pairs already done there are skipped.
+        max_new_tokens, do_sample, generate_kwargs: passed to `model.generate` (e.g. temperature).
+        max_pixels: the originals' shared pixel budget (default: the processor's).
+    """
+    if batch_size < 1 or avg_k < 1:
+        raise ValueError(f"batch_size and avg_k must be at least 1, got {batch_size} and {avg_k}")
+    items = load_benchmark(benchmark_path)[:limit]
+    image_root = Path(benchmark_path).parent if image_root is None else image_root
+    records = read_results(out_path, benchmark_name(benchmark_path)) if out_path else {}
+    pending = pending_pairs(items, records, avg_k)
+    logger.info("%s: %d items × %d samples, %d to generate", benchmark_name(benchmark_path), len(items), avg_k,
+                len(pending))
+    if do_sample is None:
+        do_sample = avg_k > 1
+    if avg_k > 1 and not do_sample:
+        logger.warning("avg_k=%d with greedy decoding: the samples of an item will be identical", avg_k)
+    generate_kwargs["do_sample"] = do_sample
+    if max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = max_new_tokens
+    with tqdm(total=len(pending), desc=benchmark_name(benchmark_path), unit="answer", disable=not progress) as bar:
+        for start in range(0, len(pending), batch_size):
+            batch = evaluate_batch(model, processor, pending[start : start + batch_size], image_root, max_rounds,
+                                   max_pixels, **generate_kwargs)
+            if out_path:
+                append_results(out_path, batch)
+            records.update(((r["id"], r["sample"]), r) for r in batch)
+            bar.update(len(batch))
+    return summarize(items, records, avg_k)
+
+
+def dry_run(benchmark_path, image_root) -> dict:
+    """Build every question and check every image path, without a model.
+
+    Returns {"items", "parsed" (questions built, whether or not their images exist), "missing_images"
+    (image references with no file), "errors" (items that cannot be used; each is logged)}."""
+    benchmark = benchmark_name(benchmark_path)
+    image_root = Path(benchmark_path).parent if image_root is None else image_root
+    records = read_benchmark_records(benchmark_path)
+    parsed = missing = errors = 0
+    for position, record in enumerate(records):
+        try:
+            item = parse_item(record, benchmark, position)
+        except ValueError as err:
+            errors += 1
+            logger.warning("%s: %s %s", benchmark_path, item_label(record, position), err)
+            continue
+        parsed += 1
+        for path in item.images:
+            if not resolve_image(image_root, path).is_file():
+                missing += 1
+                logger.debug("%s item %s: missing image %s", benchmark, item.id, resolve_image(image_root, path))
+    if missing:
+        logger.warning("%s: %d image reference(s) have no file under %s", benchmark, missing, image_root)
+    return {"items": len(records), "parsed": parsed, "missing_images": missing, "errors": errors}
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+
+def default_out_path(benchmark_path, model: str) -> Path:
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(model)).name or str(model)).strip("-") or "model"
+    return Path(f"{benchmark_name(benchmark_path)}.{tag}.results.jsonl")
+
+
+def eval_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
+    parser.add_argument("--benchmark", required=True, help="benchmark JSON (or JSONL) file")
+    parser.add_argument("--image-root", required=True, help="folder the benchmark's image paths are relative to")
+    parser.add_argument("--model", help="checkpoint folder, or tiny / tiny:SEED (required unless --dry-run)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-rounds", type=int, default=5, help="tool calls allowed per answer")
+    parser.add_argument("--avg-k", type=int, default=1, help="samples per item (Avg@k; sampling when k > 1)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N items")
+    parser.add_argument("--out", default=None, help="results JSONL (resumable; default BENCHMARK.MODEL.results.jsonl)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="all new tokens of one answer")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    parser.add_argument("--max-pixels", type=int, default=None, help="pixel budget the original images share")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
+    return parser
+
+
+def eval_main(argv: list[str]) -> int:
+    """`vilavt eval`: prints the per-category table, then the JSON summary as the last line (with
+    --dry-run, only the dry-run JSON)."""
+    parser = eval_argument_parser()
+    args = parser.parse_args(argv)
+    if not args.dry_run and not args.model:
+        parser.error("--model is required (or use --dry-run)")
+    try:
+        if args.dry_run:
+            print(json.dumps(dry_run(args.benchmark, args.image_root)))
+            return 0
+        load_benchmark(args.benchmark)  # a broken file fails before the model loads
+        from .train.common import load_model_and_processor
+
+        model, processor = load_model_and_processor(args.model)
+        out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
+        generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
+        summary = run_eval(
+            args.benchmark, args.image_root, model, processor,
+            batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
+            out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
+            max_pixels=args.max_pixels, **generate_kwargs,
+        )
+    except (BenchmarkError, FileNotFoundError) as err:
+        print(f"vilavt eval: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    print(f"results: {out}")
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+__all__ = [
+    "Item",
+    "BenchmarkError",
+    "load_benchmark",
+    "read_benchmark_records",
+    "parse_item",
+    "build_question",
+    "replace_image_tags",
+    "canonical_problem_type",
+    "score_benchmark_answer",
+    "score_multiple_choice",
+    "score_numerical",
+    "score_regression",
+    "score_view_change",
+    "parse_view_change",
+    "VIEW_CHANGE_PAIRS",
+    "summarize",
+    "format_table",
+    "read_results",
+    "run_eval",
+    "dry_run",
+    "eval_main",
+]

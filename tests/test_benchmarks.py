@@ -1,0 +1,412 @@
+"""The benchmark harness (`vilavt eval`): reading the paper's benchmark files, the questions the model is
+asked, the reference's metrics, summaries, and resumable batched runs on the tiny model."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from transformers import LogitsProcessorList
+
+from vilavt.benchmarks import (
+    MULTIPLE_CHOICE_INSTRUCTION,
+    NUMBER_INSTRUCTION,
+    BenchmarkError,
+    Item,
+    build_question,
+    dry_run,
+    eval_main,
+    load_benchmark,
+    read_results,
+    replace_image_tags,
+    run_eval,
+    score_benchmark_answer,
+    summarize,
+)
+from vilavt.scripted import ScriptedPolicy, answer_text
+
+SAMPLES = Path(__file__).parent / "fixtures" / "benchmarks"
+SAMPLE_FILES = sorted(SAMPLES.glob("*.json"))
+
+
+def raw_items(path) -> list[dict]:
+    return json.loads(Path(path).read_text())
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+# ---- reading the paper's benchmark files ------------------------------------------------------------
+
+
+def test_all_seven_sample_benchmarks_are_present():
+    assert len(SAMPLE_FILES) == 7
+
+
+@pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.stem)
+def test_every_sample_item_becomes_a_question(path):
+    records, items = raw_items(path), load_benchmark(path)
+    assert len(items) == len(records)
+    assert len({item.id for item in items}) == len(items)
+    for record, item in zip(records, items):
+        assert item.id == str(record["question_id"])
+        assert item.benchmark == path.stem
+        assert item.images == record["images"]
+        assert item.options == record.get("options")
+        assert item.answer == record["answer"]
+        assert item.problem_type == "multiple choice"
+        assert item.category == str(
+            next(record[f] for f in ("category", "original_question_type", "task") if f in record)
+        )
+        assert "<image>" not in item.question
+        if record.get("options") is not None:
+            assert "\n" + "\n".join(record["options"]) in item.question
+        if path.stem == "ERQA":  # its questions carry their own instruction (the reference adds none)
+            assert MULTIPLE_CHOICE_INSTRUCTION not in item.question
+            assert [int(n) for n in re.findall(r"\[image (\d+)\]", item.question)] == list(range(len(item.images)))
+        else:
+            assert item.question.endswith("\n" + MULTIPLE_CHOICE_INSTRUCTION)
+
+
+@pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.stem)
+def test_dry_run_reports_no_errors_on_the_samples(path, tmp_path, capsys):
+    assert eval_main(["--benchmark", str(path), "--image-root", str(tmp_path / "nowhere"), "--dry-run"]) == 0
+    report = last_json_line(capsys.readouterr().out)
+    records = raw_items(path)
+    assert report == {
+        "items": len(records),
+        "parsed": len(records),
+        "missing_images": sum(len(r["images"]) for r in records),
+        "errors": 0,
+    }
+
+
+def test_dry_run_counts_only_the_images_that_are_missing(tmp_path):
+    path = SAMPLES / "ERQA.json"
+    present = [p for r in raw_items(path)[:4] for p in r["images"]]  # 1 + 1 + 1 + 2 images
+    for name in present:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    report = dry_run(path, tmp_path)
+    assert report["missing_images"] == 19 - len(present) == 14
+    assert report["parsed"] == 12
+
+
+def test_erqa_image_tags_become_image_references():
+    question = "Which object is closest to where frame 1 is taken from?<image>frame 1<image>frame 2<image>frame 3"
+    assert replace_image_tags(question) == (
+        "Which object is closest to where frame 1 is taken from? [image 0] frame 1 [image 1] frame 2 [image 2] frame 3"
+    )
+    assert replace_image_tags("<image><image>Compare them.") == "[image 0] [image 1] Compare them."
+    assert replace_image_tags("No tags here.") == "No tags here."
+
+
+def benchmark_file(tmp_path, records, name="mini.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def mc(question_id, images=("a.png",), **fields):
+    record = dict(question_id=question_id, question=f"Question {question_id}?", answer="A",
+                  problem_type="multiple choice", options=["A. yes", "B. no"], images=list(images))
+    record.update(fields)
+    return record
+
+
+def test_image_tags_must_match_the_images(tmp_path):
+    path = benchmark_file(tmp_path, [mc(7, images=["a.png"], question="<image><image>Same?")], "ERQA.json")
+    expected = r"ERQA.json: item 0 \(question_id 7\) the question has 2 <image> tags but 1 images"
+    with pytest.raises(BenchmarkError, match=expected):
+        load_benchmark(path)
+
+
+def test_visual_indices_that_disagree_with_the_tags_are_logged(tmp_path, caplog):
+    record = mc(1, images=["a.png", "b.png"], question="Left<image>right<image>?", visual_indices=[0, 9])
+    with caplog.at_level(logging.WARNING, logger="vilavt.benchmarks"):
+        (item,) = load_benchmark(benchmark_file(tmp_path, [record]))
+    assert "visual_indices [0, 9]" in caplog.text and "[4, 9]" in caplog.text
+    assert item.question.startswith("Left [image 0] right [image 1] ?")
+
+
+def test_question_building_by_problem_type():
+    options = ["A. x", "B. y"]
+    assert build_question("Q?", "multiple choice", options) == f"Q?\nA. x\nB. y\n{MULTIPLE_CHOICE_INSTRUCTION}"
+    assert build_question("Q? A. x B. y", "multiple choice", None) == f"Q? A. x B. y\n{MULTIPLE_CHOICE_INSTRUCTION}"
+    assert build_question("Q?", "multiple choice", ["A. x"], instruction=False) == "Q?\nA. x"
+    assert build_question("How far?", "regression") == f"How far?\n{NUMBER_INSTRUCTION}"
+    assert build_question("How many?", "numerical", ["ignored"]) == f"How many?\n{NUMBER_INSTRUCTION}"
+    assert build_question("Move?", "vci") == "Move?"
+
+
+def test_other_schemas_images_absent_single_path_frames_and_categories(tmp_path):
+    records = [
+        dict(question_id="t", question="Text only?", answer="yes", problem_type="judgment"),
+        dict(question_id="s", question="One?", answer="3", problem_type="numerical", image="one.png", task="count"),
+        dict(question_id="v", question="Size?", answer="2.5", problem_type="regression",
+             images=[f"f/{i:02d}.jpg" for i in range(32)], original_question_type="room_size_estimation_hard"),
+        dict(question_id="v", question="Move?", answer="move_right:1", problem_type="vci", images=["x.png"]),
+    ]
+    items = load_benchmark(benchmark_file(tmp_path, records, "vsibench_32frame.json"))
+    assert [len(item.images) for item in items] == [0, 1, 32, 1]
+    assert [item.category for item in items] == ["all", "count", "room_size_estimation", "all"]
+    assert [item.id for item in items] == ["t", "s", "v", "v#3"]  # a repeated id stays unique
+    assert items[1].question == f"One?\n{NUMBER_INSTRUCTION}"
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+def test_unknown_problem_type_is_named(tmp_path, capsys):
+    path = benchmark_file(tmp_path, [mc(1), mc(2, problem_type="essay"), mc(3)])
+    with pytest.raises(BenchmarkError, match=r"item 1 \(question_id 2\) .*unknown problem_type 'essay'"):
+        load_benchmark(path)
+    assert eval_main(["--benchmark", str(path), "--image-root", str(tmp_path), "--dry-run"]) == 0
+    assert last_json_line(capsys.readouterr().out) == {"items": 3, "parsed": 2, "missing_images": 2, "errors": 1}
+    with pytest.raises(ValueError, match="unknown problem_type 'essay'"):
+        score_benchmark_answer("A", "A", "essay")
+
+
+def test_corrupt_json_names_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"question_id": 1,\n   "question": "Q?" "answer": "A"}\n]\n')
+    with pytest.raises(BenchmarkError, match=r"broken.json: invalid JSON at line 3, column 21"):
+        load_benchmark(path)
+    assert eval_main(["--benchmark", str(path), "--image-root", str(tmp_path), "--dry-run"]) == 2
+    assert "broken.json: invalid JSON at line 3, column 21" in capsys.readouterr().err
+
+
+def test_corrupt_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps(mc(1)) + "\n" + json.dumps(mc(2)) + "\n{oops\n")
+    with pytest.raises(BenchmarkError, match=r"items.jsonl: invalid JSON at line 3, column 2"):
+        load_benchmark(path)
+    path.write_text(json.dumps(mc(1)) + "\n\n" + json.dumps(mc(2)) + "\n")
+    assert [item.id for item in load_benchmark(path)] == ["1", "2"]
+
+
+def test_a_benchmark_must_be_a_list_of_items(tmp_path):
+    with pytest.raises(BenchmarkError, match="expected a JSON list"):
+        load_benchmark(benchmark_file(tmp_path, {"items": []}))
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prediction, gold, kind, score",
+    [
+        ("B", "B", "multiple choice", 1.0),
+        ("b", "B. red", "multiple choice", 1.0),  # first letters, case-insensitive
+        ("A. right", "A. right", "multiple choice", 1.0),
+        ("right", "A. right", "multiple choice", 0.0),
+        ("<think>hmm</think><answer> C </answer>", "C", "multiple choice", 1.0),
+        ("", "A", "multiple choice", 0.0),  # the reference crashes here
+        ("   ", "A", "multiple choice", 0.0),
+        (None, "A", "multiple choice", 0.0),  # no <answer> in the generation
+        ("3", "3", "numerical", 1.0),
+        ("3.0", "3", "numerical", 0.0),  # one has a decimal point, the other not
+        ("3.14159", "3.14", "numerical", 1.0),  # equal after rounding to 2 decimals
+        ("3.146", "3.14", "numerical", 0.0),
+        ("1,000", "1000", "numerical", 0.0),  # a comma counts as a separator
+        ("1,000", "1,000", "numerical", 1.0),
+        ("seven", "7", "numerical", 0.0),
+        ("10", "10", "regression", 1.0),
+        ("15", "10", "regression", 0.1),  # 50 % off: only θ = .50, which the ≤ of the evaluation counts
+        ("9.3", "10", "regression", 0.9),
+        ("12.2 m", "10", "regression", 0.0),  # the whole answer must be a number
+        ("move_right:1,move_forward:2", "move_right:1,move_forward:2", "vci", 1.0),
+        ("move_forward:2, move_right:1", "move_right:1,move_forward:2", "vci", 1.0),
+        ("move_right:2,move_left:1,move_forward:2", "move_right:1,move_forward:2", "vci", 1.0),  # net right = 1
+        ("move_forward:2", "move_right:1,move_forward:2", "vci", 0.8),  # right/left pair wrong, 4 pairs right
+        ("move_forward:3,move_right:1", "move_right:1,move_forward:2", "vci", (1 + 0.1 + 1 + 1 + 1) / 5),
+        ("rotate_up:10", "rotate_down:10", "vci", 0.8),  # net +10 vs -10
+        ("turn left", "move_right:1", "vci", 0.0),
+        ("", "move_right:1", "vci", 0.0),
+        ("Yes.", "yes", "judgment", 1.0),  # the rewards' metric
+        ("Multiple Choice", "m", "MC", 1.0),  # an alias of multiple choice
+    ],
+)
+def test_metrics(prediction, gold, kind, score):
+    assert score_benchmark_answer(prediction, gold, kind) == pytest.approx(score)
+
+
+def item(id, category, benchmark="bench"):
+    return Item(id=id, benchmark=benchmark, images=[], question="Q?", answer="A", problem_type="multiple choice",
+                category=category, options=None)
+
+
+def records_of(scores: dict) -> dict:
+    return {key: {"id": key[0], "sample": key[1], "score": s, "answer": "A", "rounds": 1, "error": None}
+            for key, s in scores.items()}
+
+
+def test_summary_averages_samples_then_items():
+    items = [item("1", "x"), item("2", "x"), item("3", "y")]
+    records = records_of({("1", 0): 1.0, ("1", 1): 0.0, ("2", 0): 1.0, ("2", 1): 1.0, ("3", 0): 0.0, ("3", 1): 0.0})
+    records[("3", 1)]["error"] = "b.png: image file not found"
+    summary = summarize(items, records, avg_k=2)
+    assert summary["accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert summary["categories"] == {"x": {"accuracy": 0.75, "items": 2}, "y": {"accuracy": 0.0, "items": 1}}
+    assert summary["errors"] == 1 and summary["samples"] == 5 and summary["pending"] == 0
+    assert summary["error_items"] == [{"id": "3", "sample": 1, "error": "b.png: image file not found"}]
+    only_first = summarize(items, records, avg_k=1)
+    assert only_first["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_vsi_and_spar_overall_is_the_mean_of_type_means():
+    vsi = [item("1", "obj_count", "vsibench_32frame"), item("2", "obj_count", "vsibench_32frame"),
+           item("3", "obj_count", "vsibench_32frame"), item("4", "route_plan", "vsibench_32frame")]
+    records = records_of({("1", 0): 1.0, ("2", 0): 1.0, ("3", 0): 1.0, ("4", 0): 0.0})
+    assert summarize(vsi, records)["accuracy"] == pytest.approx(0.5)  # not 3/4
+    assert summarize([item(i.id, i.category, "other") for i in vsi], records)["accuracy"] == pytest.approx(0.75)
+    spar = [item("1", "depth_prediction_oc", "spar_bench"), item("2", "distance_infer_center_oo", "spar_bench"),
+            item("3", "view_change_infer", "spar_bench"), item("4", "obj_spatial_relation_oo", "spar_bench")]
+    records = records_of({("1", 0): 1.0, ("2", 0): 0.0, ("3", 0): 0.5, ("4", 0): 1.0})
+    summary = summarize(spar, records)
+    assert summary["levels"] == {"Low": 1.0, "High": 0.5, "Medium": 0.5}
+    assert summary["accuracy"] == pytest.approx(0.625)
+
+
+# ---- running the tiny model -----------------------------------------------------------------------------
+
+
+def picture(path, size, color, seed):
+    image = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(image)
+    for k in range(4):
+        x, y = (seed * 37 + k * 53) % (size[0] - 20), (seed * 29 + k * 41) % (size[1] - 20)
+        draw.rectangle((x, y, x + 20, y + 16), fill=((seed * 80) % 255, (k * 60) % 255, 120))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def small_benchmark(tmp_path, count=5, missing=()) -> Path:
+    """`count` items (item k asks "question-k"), PNG images under tmp_path/images; item 1 has two images."""
+    records = []
+    for k in range(count):
+        names = [f"img/{k}_{j}.png" for j in range(2 if k == 1 else 1)]
+        for j, name in enumerate(names):
+            if k not in missing:
+                picture(tmp_path / "images" / name, (120 + 30 * k, 90 + 20 * j), "white", k + j)
+        records.append(dict(question_id=f"q{k}", question=f"question-{k}: which colour?", answer="AB"[k % 2],
+                            options=["A. red", "B. blue"], problem_type="multiple choice", images=names,
+                            category="even" if k % 2 == 0 else "odd"))
+    return benchmark_file(tmp_path, records, "mini.json")
+
+
+def scripted_answers(model, monkeypatch, answers: dict[str, str]) -> list[list[str]]:
+    """Make `model.generate` answer question-k with answers[k] (a ScriptedPolicy per call); returns the
+    list of questions each call generated for."""
+    calls, generate = [], model.generate
+
+    def wrapped(**kwargs):
+        processor = kwargs["processor"]
+        prompts = processor.tokenizer.batch_decode(kwargs["input_ids"])
+        keys = [re.search(r"question-(\d+)", prompt).group(1) for prompt in prompts]
+        calls.append(keys)
+        policy = ScriptedPolicy(processor.tokenizer, [[answer_text(answers[k])] for k in keys])
+        return generate(**kwargs, logits_processor=LogitsProcessorList([policy]))
+
+    monkeypatch.setattr(model, "generate", wrapped)
+    return calls
+
+
+def result_lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_scores_come_from_the_models_answers_in_batches(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    path = small_benchmark(tmp_path, count=5)
+    calls = scripted_answers(model, monkeypatch, {"0": "A", "1": "A", "2": "C", "3": "B", "4": "A"})
+    out = tmp_path / "results.jsonl"
+    summary = run_eval(path, tmp_path / "images", model, processor, batch_size=2, max_rounds=2, out_path=out,
+                       progress=False, max_new_tokens=40)
+    assert calls == [["0", "1"], ["2", "3"], ["4"]]
+    lines = result_lines(out)
+    assert [(r["id"], r["sample"], r["answer"], r["score"]) for r in lines] == [
+        ("q0", 0, "A", 1.0), ("q1", 0, "A", 0.0), ("q2", 0, "C", 0.0), ("q3", 0, "B", 1.0), ("q4", 0, "A", 1.0),
+    ]
+    assert all(r["stop_reason"] == "answer" and r["rounds"] == 0 and r["error"] is None for r in lines)
+    assert summary["accuracy"] == pytest.approx(3 / 5)
+    assert summary["categories"] == {"even": {"accuracy": pytest.approx(2 / 3), "items": 3},
+                                     "odd": {"accuracy": 0.5, "items": 2}}
+
+
+def test_an_interrupted_run_resumes_without_redoing_items(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    path = small_benchmark(tmp_path, count=5)
+    calls = scripted_answers(model, monkeypatch, dict.fromkeys("01234", "A"))
+    out = tmp_path / "results.jsonl"
+    kwargs = dict(batch_size=2, max_rounds=1, avg_k=2, out_path=out, progress=False, max_new_tokens=40)
+    run_eval(path, tmp_path / "images", model, processor, limit=2, **kwargs)
+    assert calls == [["0", "0"], ["1", "1"]]  # an item's samples share a batch
+    with out.open("a") as f:
+        f.write('{"benchmark": "mini", "id": "q2", "sam')  # a write cut short
+    calls.clear()
+    summary = run_eval(path, tmp_path / "images", model, processor, **kwargs)
+    assert calls == [["2", "2"], ["3", "3"], ["4", "4"]]
+    assert summary["samples"] == 10 and summary["accuracy"] == pytest.approx(3 / 5)
+    assert len(read_results(out, "mini")) == 10
+    calls.clear()
+    run_eval(path, tmp_path / "images", model, processor, **kwargs)
+    assert calls == []
+
+
+def test_a_missing_image_is_recorded_and_the_run_goes_on(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    path = small_benchmark(tmp_path, count=4, missing={1})
+    calls = scripted_answers(model, monkeypatch, dict.fromkeys("0123", "A"))
+    out = tmp_path / "results.jsonl"
+    summary = run_eval(path, tmp_path / "images", model, processor, batch_size=2, out_path=out, progress=False,
+                       max_new_tokens=40)
+    assert calls == [["0"], ["2", "3"]]
+    failed = [r for r in result_lines(out) if r["error"]]
+    assert len(failed) == 1 and failed[0]["id"] == "q1" and failed[0]["score"] == 0.0
+    assert "img/1_0.png" in failed[0]["error"] and "not found" in failed[0]["error"]
+    assert summary["errors"] == 1 and summary["samples"] == 3
+    assert summary["accuracy"] == pytest.approx(2 / 4)  # a failed item scores 0
+    # Once the images are there, a rerun tries only the failed item again.
+    for j in range(2):
+        picture(tmp_path / "images" / f"img/1_{j}.png", (100, 80), "white", j)
+    calls.clear()
+    summary = run_eval(path, tmp_path / "images", model, processor, batch_size=2, out_path=out, progress=False,
+                       max_new_tokens=40)
+    assert calls == [["1"]] and summary["errors"] == 0 and summary["accuracy"] == pytest.approx(2 / 4)
+
+
+def test_results_of_another_benchmark_are_refused(tmp_path):
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps({"benchmark": "ERQA", "id": "1", "sample": 0, "score": 1.0}) + "\n")
+    with pytest.raises(BenchmarkError, match="results of benchmark 'ERQA', not 'mini'"):
+        read_results(out, "mini")
+
+
+def test_vilavt_eval_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    path = small_benchmark(tmp_path, count=3)
+    out = tmp_path / "results.jsonl"
+    argv = ["--benchmark", str(path), "--image-root", str(tmp_path / "images"), "--model", "tiny:0",
+            "--batch-size", "2", "--max-rounds", "2", "--max-new-tokens", "40", "--out", str(out), "--no-progress"]
+    assert eval_main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = last_json_line(printed)
+    assert summary["items"] == 3 and summary["samples"] == 3 and summary["errors"] == 0
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert set(summary["categories"]) == {"even", "odd"}
+    assert re.search(r"^overall \(mean over items, Avg@1\)\s+3\s+\d+\.\d\d$", printed, re.MULTILINE)
+    lines = result_lines(out)
+    assert [r["id"] for r in lines] == ["q0", "q1", "q2"]
+    for record in lines:
+        fields = {"benchmark", "id", "sample", "answer", "gold", "score", "rounds", "stop_reason", "error"}
+        assert set(record) == fields
+        assert record["stop_reason"] in {"answer", "eos", "max_new_tokens", "max_turn_tokens", "max_rounds"}
+        assert 0 <= record["rounds"] <= 2 and record["error"] is None
+
+
+def test_eval_needs_a_model_unless_dry_run(tmp_path):
+    with pytest.raises(SystemExit):
+        eval_main(["--benchmark", str(SAMPLES / "ERQA.json"), "--image-root", str(tmp_path)])
