@@ -208,6 +208,15 @@ def fit_image(image: Image.Image, max_pixels: int, min_pixels: int = DEFAULT_MIN
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
+def _flat_images(images) -> list[Image.Image]:
+    """The PIL images in an image argument (one image, a list, or per-sample lists)."""
+    if isinstance(images, Image.Image):
+        return [images]
+    if isinstance(images, (list, tuple)):
+        return [image for part in images for image in _flat_images(part)]
+    return []
+
+
 def _is_image_item(item) -> bool:
     # Datasets (Arrow) give every content item every key, with None where unused.
     return isinstance(item, dict) and (
@@ -293,6 +302,15 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         smallest = min(self.min_pixels, budget) if max_pixels else self.min_pixels
         return max(budget, smallest), smallest
 
+    def size_keeping(self, images) -> dict:
+        """The image processor's `size` that keeps `images` (already sized: displayed sizes are what
+        boxes refer to) as they are."""
+        areas = [image.width * image.height for image in _flat_images(images)]
+        return {
+            "shortest_edge": min([self.min_pixels, *areas]),
+            "longest_edge": max([self.max_pixels, self.crop_max_pixels, *areas]),
+        }
+
     # ---- queries ------------------------------------------------------------------------------
 
     def tokenize_queries(self, queries: list[str], return_tensors: str = "pt"):
@@ -335,9 +353,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         image. For a batch of texts pass per-sample lists; rows are offset across samples.
         """
         kwargs.setdefault("images_kwargs", {})
-        kwargs["images_kwargs"].setdefault(
-            "size", {"shortest_edge": self.min_pixels, "longest_edge": max(self.max_pixels, self.crop_max_pixels)}
-        )
+        kwargs["images_kwargs"].setdefault("size", self.size_keeping(images))
         outputs = super().__call__(images=images, text=text, **kwargs)
         if images is None:
             return outputs

@@ -185,3 +185,20 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = open_image(path)
     assert upright.size == (20, 60)
     assert upright.getpixel((10, 2))[0] > 200  # the strip is now on top
+
+
+def test_images_above_the_budgets_keep_their_displayed_size(tiny):
+    """An evaluation at a larger initial budget (or a large crop) must encode the image at the size the
+    prompt states: boxes refer to it."""
+    _, processor = tiny
+    budget = 4 * max(processor.max_pixels, processor.crop_max_pixels)
+    image = red((1200, 800))
+    out = processor.apply_chat_template(
+        conversation(image), max_pixels=budget, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    (shown,) = processor.fit_originals([image], budget)
+    assert shown.width * shown.height > max(processor.max_pixels, processor.crop_max_pixels)
+    _, rows, cols = out["image_grid_thw"][0].tolist()
+    assert (cols * 14, rows * 14) == shown.size
+    text = processor.apply_chat_template(conversation(image), max_pixels=budget)
+    assert f"width {shown.width}, height {shown.height}" in text

@@ -65,7 +65,7 @@ def _init(argv: list[str]) -> int:
 
 def _demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vilavt demo", description="the shipped tiny model solves a synthetic zoom task")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1, help="which held-out task (any seed: a new task)")
     parser.add_argument("--type", default="single", choices=("single", "multi", "nested"))
     parser.add_argument("--out", default="vilavt-demo-trace.png")
     parser.add_argument("--model", default=None, help="default: the shipped checkpoint")
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except OSError as err:  # e.g. a --model that is neither a folder nor a reachable hub id
+        print(f"vilavt {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The shipped tiny checkpoint and the commands around it: `vilavt chat`, `vilavt demo`, `vilavt synth-eval`.
 
-The shipped checkpoint (`vilavt/assets/tiny-zoom`) is a tiny ViLaVT trained by this project's SFT then GRPO
-on the synthetic zoom task (`vilavt.synthetic`; reproduce with `examples/train_tiny.py`). It is stored with
+The shipped checkpoint (`vilavt/assets/tiny-zoom`) is a tiny ViLaVT trained on the synthetic zoom task
+(`vilavt.synthetic`) by vision pretraining (`vilavt.vision_pretraining`), then this project's SFT and GRPO;
+reproduce it with `examples/train_tiny.py`. It is stored with
 its weights, config and processor; `vilavt export` writes it (or any checkpoint) as a self-contained
 remote-code folder.
 """
@@ -49,7 +50,7 @@ def chat(images, question: str, model=None, out=None, max_rounds: int = 5):
     return answer, trace
 
 
-def demo(seed: int = 0, kind: str = "single", out="vilavt-demo-trace.png", model=None):
+def demo(seed: int = 1, kind: str = "single", out="vilavt-demo-trace.png", model=None):
     """Generate a synthetic task, let the model solve it, draw the trace."""
     from .synthetic import make_task
 
@@ -77,7 +78,8 @@ def synth_eval(
     max_rounds: int = 5,
 ) -> dict:
     """Accuracy on `n` held-out synthetic tasks through the chatting loop. `no_tools`: the model may not write
-    `<tool>` (a single look, same model). `initial_max_pixels`: the originals' pixel budget."""
+    `<tool>` (a single look, same model). `initial_max_pixels`: the originals' pixel budget. `data_dir`
+    keeps the tasks, and reuses them when the same tasks were written there before."""
     from .benchmarks import run_eval
     from .synthetic import write_tasks
 
@@ -85,7 +87,10 @@ def synth_eval(
         model, processor = load()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(data_dir or scratch)
-        path = write_tasks(folder, n, seed, list(kinds), processor, split="eval")
+        split = f"eval-{'-'.join(kinds)}-{seed}-{n}"
+        path = folder / f"{split}.jsonl"
+        if not path.exists():
+            path = write_tasks(folder, n, seed, list(kinds), processor, split=split, workers=2)
         generate = {"max_new_tokens": 600}
         if no_tools:
             generate["bad_words_ids"] = [processor.tokenizer.encode("<tool>", add_special_tokens=False)]

@@ -1,26 +1,33 @@
-"""Synthetic zoom tasks whose answer cannot be read in the first look but can after zooming in.
+"""Synthetic zoom tasks whose answer cannot be read at the first look but can after zooming in.
 
-* `single` — a large canvas (long side ≥ 1024 px, random aspect) with clutter, decoy frames in other
-  colours and one small red frame holding a seven-segment digit; "What digit is inside the red frame?".
-  The canvas's background is tinted like graph paper: its hue changes from left to right and its
-  brightness from top to bottom, so where something is shows in its surroundings (a tiny model learns
-  boxes from that in minutes; reading positions from rotary embeddings alone takes far more training).
-  The digit is a few pixels tall at the initial pixel budget; one zoom on the frame makes it readable.
-* `multi`  — two such images; "Is the digit in image 0 larger than the digit in image 1?". One tool call
-  with a region in each image (the crops are encoded jointly) answers it.
-* `nested` — a bigger canvas and a smaller digit: the first zoom is still too coarse, a zoom into the
-  crop (a crop of a crop) reads it.
+Every image is a large canvas (long side >= 1024 px, random aspect) with clutter, frames in other colours
+and one red frame holding a bar that points one of four ways (vertical, horizontal, rising, falling).
+Sizes are set in the pixels the model sees (ViLaVT's zoom shows a crop at most at 2x the pixel density of
+the view it was picked from, REFERENCE.md §2.3, so each zoom doubles the detail):
 
-Every task is deterministic in its seed and comes with a gold trajectory (thought, query, boxes in the
-displayed pixels the model sees, answer) in the `vilavt.trajectories` schema, replayed for SFT.
-Every look is a small grid: originals are shown at about 112 x 112 (4 x 4 tokens of 28 pixels) and the
-gold box is the token cell holding the frame; crops are shown at 224 x 224 and a box inside a crop is a
-56-pixel block. So each zoom magnifies 8x (original -> crop) or 4x (crop -> crop).
+* `single` — at the first look the bar is 2.4 px long, a blob whose colour is the same whichever way it
+  points; one zoom on the red frame shows it at 4.8 px, enough to tell its direction. "Which way does
+  the bar inside the red frame point?" (chance: 25 %).
+* `multi`  — two such images (they share the pixel budget); "Do the bars inside the red frames of image
+  0 and image 1 point the same way?" (yes / no). One tool call with a region in each image (encoded
+  jointly with the query) answers it.
+* `nested` — a big red frame with a small red frame in one of its corners; the bar is 1.2 px at the
+  first look and 2.4 px after one zoom: only a zoom into the crop (a crop of a crop) reads it.
+* `direct` (curriculum) — a `single` task shown at 4x the pixels, where the bar is readable at once:
+  the gold trajectory answers without the tool (teaches reading and when a zoom is not needed).
+
+The canvas's background is tinted like graph paper: its hue changes from left to right and its
+brightness from top to bottom, so where something is shows in its surroundings.
+
+Frames sit in the middle of one 28-pixel cell of the displayed image (one LLM image token), so the gold
+box is that cell; a crop of a cell is shown at 56 x 56 pixels (2 x 2 tokens), and the small frame of a
+nested task sits in the middle of one of those four tokens. Every task is deterministic in its seed and
+comes with a gold trajectory in the `vilavt.trajectories` schema (thought, query, boxes in the displayed
+pixels the model sees, answer), replayed for SFT.
 """
 
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,62 +36,54 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .remote_code.processing_vilavt import displayed_size
-from .remote_code.protocol_vilavt import Region
-from .remote_code.regions_vilavt import ImageLedger
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("single", "multi", "nested")
+CURRICULUM = ("direct",)
 CELL = 28  # one LLM image token covers 28 x 28 displayed pixels
+DIRECT_ZOOM = 2  # `direct` tasks show the originals at 2x the side (4x the pixels)
 
-# Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
-# f (top left), g (middle).
-SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abfgcd"}
+GLYPHS = ("vertical", "horizontal", "rising", "falling")  # which way the bar points
 FRAME_COLOR = (220, 20, 20)
-DECOY_COLORS = [(30, 90, 220), (20, 150, 60), (120, 60, 170), (230, 160, 20), (40, 40, 40)]
+DECOY_COLORS = [(30, 90, 220), (20, 150, 60), (40, 40, 40)]
 
 
 @dataclass(frozen=True)
 class Spec:
     canvas: tuple[int, int]  # range of the long side, original pixels
-    glyph: int  # digit height, original pixels
-    frame: float  # frame side / digit height
+    bar: float  # bar length, displayed pixels at the first look
+    frame: float  # side of the frame holding the bar, displayed pixels at the first look
     decoys: int  # frames in other colours
+    outer: float = 0.0  # nested: side of the big frame around it, displayed pixels at the first look
 
 
 SPECS = {
-    "single": Spec(canvas=(1024, 1536), glyph=28, frame=2.2, decoys=3),
-    "multi": Spec(canvas=(1024, 1536), glyph=40, frame=2.2, decoys=2),
-    "nested": Spec(canvas=(2400, 3200), glyph=12, frame=3.0, decoys=3),
+    "single": Spec(canvas=(1024, 1536), bar=2.4, frame=10.0, decoys=3),
+    "multi": Spec(canvas=(1024, 1536), bar=2.4, frame=10.0, decoys=2),
+    "nested": Spec(canvas=(1536, 2560), bar=1.2, frame=5.0, decoys=3, outer=24.0),
 }
-INNER_CELL = 56  # a box inside a crop: a 56-pixel block of the (224-pixel) crop's grid
+SPECS["direct"] = SPECS["single"]
 
 
-def draw_digit(draw: ImageDraw.ImageDraw, digit: int, x: float, y: float, height: float, color) -> None:
-    """A seven-segment digit whose top-left corner is (x, y)."""
-    width, stroke = 0.6 * height, max(1.0, 0.16 * height)
-    half = height / 2
-    bars = {
-        "a": (x, y, x + width, y + stroke),
-        "g": (x, y + half - stroke / 2, x + width, y + half + stroke / 2),
-        "d": (x, y + height - stroke, x + width, y + height),
-        "f": (x, y, x + stroke, y + half),
-        "b": (x + width - stroke, y, x + width, y + half),
-        "e": (x, y + half, x + stroke, y + height),
-        "c": (x + width - stroke, y + half, x + width, y + height),
+def draw_bar(draw: ImageDraw.ImageDraw, glyph: str, cx: float, cy: float, length: float, color=(10, 10, 10)) -> None:
+    """A thick bar centred on (cx, cy) pointing `glyph`'s way; every direction has the same ink."""
+    half, width = length / 2, max(2, round(0.3 * length))
+    d = half / 2**0.5
+    ends = {
+        "vertical": (cx, cy - half, cx, cy + half),
+        "horizontal": (cx - half, cy, cx + half, cy),
+        "rising": (cx - d, cy + d, cx + d, cy - d),
+        "falling": (cx - d, cy - d, cx + d, cy + d),
     }
-    for segment in SEGMENTS[digit]:
-        draw.rectangle(bars[segment], fill=color)
+    draw.line(ends[glyph], fill=color, width=width)
 
 
-def framed_digit(draw, digit: int, x: float, y: float, glyph: int, color, scale: float = 2.2):
-    """A digit in a square frame (side `scale` x the digit's height) whose top-left corner is (x, y);
-    returns the frame's box."""
-    side = scale * glyph
-    line = max(3, round(0.2 * glyph * scale / 2.2))
-    draw.rectangle((x, y, x + side, y + side), fill=(250, 250, 250), outline=color, width=line)
-    draw_digit(draw, digit, x + (side - 0.6 * glyph) / 2, y + (side - glyph) / 2, glyph, (10, 10, 10))
-    return (x, y, x + side, y + side)
+def draw_frame(draw: ImageDraw.ImageDraw, cx: float, cy: float, side: float, color) -> tuple[float, float, float, float]:
+    """A white square with a `color` border (18 % of its side) centred on (cx, cy); returns its box."""
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    draw.rectangle(box, fill=(250, 250, 250), outline=color, width=max(2, round(0.18 * side)))
+    return box
 
 
 def clutter(draw, rng: random.Random, size: tuple[int, int], count: int) -> None:
@@ -102,128 +101,114 @@ def clutter(draw, rng: random.Random, size: tuple[int, int], count: int) -> None
 
 
 def tinted_background(width: int, height: int) -> Image.Image:
-    """Hue from cyan to violet left to right, brightness from light to darker top to bottom (never red)."""
-    hue = np.linspace(128, 200, width, dtype=np.float32)[None, :].repeat(height, 0)
-    value = np.linspace(250, 170, height, dtype=np.float32)[:, None].repeat(width, 1)
+    """Hue from cyan to violet left to right, brightness from light to darker top to bottom (never red).
+    Computed at 1/16 of the size and resized: the tint is smooth, and this is 5x faster."""
+    w, h = max(2, width // 16), max(2, height // 16)
+    hue = np.linspace(128, 200, w, dtype=np.float32)[None, :].repeat(h, 0)
+    value = np.linspace(250, 170, h, dtype=np.float32)[:, None].repeat(w, 1)
     channels = [hue, np.full_like(hue, 70), value]
-    return Image.merge("HSV", [Image.fromarray(c.astype(np.uint8)) for c in channels]).convert("RGB")
+    small = Image.merge("HSV", [Image.fromarray(c.astype(np.uint8)) for c in channels]).convert("RGB")
+    return small.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def canvas_size(rng: random.Random, spec: Spec) -> tuple[int, int]:
-    long_side = rng.randrange(*spec.canvas)
-    short_side = round(long_side * rng.uniform(0.6, 1.0))
-    return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+def canvas_size(rng: random.Random, spec: Spec, budget: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(canvas size, displayed size at `budget`): a random size and aspect, adjusted so that the displayed
+    image keeps the canvas's aspect exactly (every displayed cell is a square of the canvas, so a crop of
+    one cell is square)."""
+    while True:
+        long_side = rng.randrange(*spec.canvas)
+        short_side = round(long_side * rng.uniform(0.6, 1.0))
+        width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+        shown = displayed_size(width, height, budget[0], budget[1], CELL)
+        scale = ((width * height) / (shown[0] * shown[1])) ** 0.5
+        canvas = (round(shown[0] * scale), round(shown[1] * scale))
+        if max(canvas) >= spec.canvas[0] and displayed_size(*canvas, budget[0], budget[1], CELL) == shown:
+            return canvas, shown
 
 
-def cell_box(box, width: int, height: int, cell: int = CELL) -> list[int]:
-    """The grid cells (of a width x height displayed image) covering `box`."""
-    x1, y1, x2, y2 = box
-    return [
-        max(0, math.floor(x1 / cell) * cell),
-        max(0, math.floor(y1 / cell) * cell),
-        min(width, math.ceil(x2 / cell) * cell),
-        min(height, math.ceil(y2 / cell) * cell),
-    ]
+def cell_of(point, cell: int = CELL) -> list[int]:
+    """The `cell` x `cell` grid square holding `point` (displayed pixels), as a box."""
+    x, y = int(point[0] // cell) * cell, int(point[1] // cell) * cell
+    return [x, y, x + cell, y + cell]
 
 
-def scene(rng: random.Random, spec: Spec, digit: int, display_pixels: tuple[int, int], processor=None):
-    """One image: returns (image, frame box in original pixels, displayed size).
+def scene(rng: random.Random, spec: Spec, glyph: str, budget: tuple[int, int]):
+    """One image: returns (image, frame box in original pixels, gold boxes, displayed size).
 
-    The red frame is placed inside a single cell of the displayed token grid, so a one-cell box zooms on
-    it. With `processor` (nested tasks), it is placed inside one 56-pixel block of the crop that zoom
-    shows (computed with the inference cropping code), so a second, one-block zoom reads it.
+    The frame holding the bar is centred in one cell of the displayed token grid (at `budget`), so a
+    one-cell box zooms on it. Nested: a big frame fills that cell and the small one sits in the middle
+    of one quarter of it, i.e. of one token of the 56 x 56 crop; the gold boxes are the cell, then that
+    token of the crop.
     """
-    width, height = canvas_size(rng, spec)
-    shown = displayed_size(width, height, display_pixels[0], display_pixels[1], CELL)
-    sx, sy = shown[0] / width, shown[1] / height  # displayed pixels per original pixel
+    (width, height), shown = canvas_size(rng, spec, budget)
+    scale = width / shown[0]  # original pixels per displayed pixel (the same across and down)
     image = tinted_background(width, height)
     draw = ImageDraw.Draw(image)
     clutter(draw, rng, (width, height), rng.randrange(12, 24))
-    side = spec.frame * spec.glyph
     cells = [(c, r) for c in range(shown[0] // CELL) for r in range(shown[1] // CELL)]
-
-    def corner(cell):
-        slack = max(0.0, CELL - side * max(sx, sy) - 2)
-        return (cell[0] * CELL + 1 + rng.uniform(0, slack)) / sx, (cell[1] * CELL + 1 + rng.uniform(0, slack)) / sy
-
-    target = rng.choice(cells)
-    if processor is None:
-        x, y = corner(target)
-    else:
-        box = (target[0] * CELL, target[1] * CELL, (target[0] + 1) * CELL, (target[1] + 1) * CELL)
-        crop = ImageLedger([image], [shown]).crop(
-            Region(0, box), processor.crop_max_pixels, processor.crop_min_pixels, processor.patch_factor
-        )
-        x1, y1, x2, y2 = crop.pixel_box
-        px, py = crop.entry.width / (x2 - x1), crop.entry.height / (y2 - y1)  # crop pixels per original pixel
-        bx = rng.randrange(crop.entry.width // INNER_CELL) * INNER_CELL
-        by = rng.randrange(crop.entry.height // INNER_CELL) * INNER_CELL
-        slack = max(0.0, INNER_CELL - side * max(px, py) - 4)
-        x = x1 + (bx + 2 + rng.uniform(0, slack)) / px
-        y = y1 + (by + 2 + rng.uniform(0, slack)) / py
-    taken = [target]
-    for _ in range(spec.decoys):
-        taken.append(rng.choice([cell for cell in cells if cell not in taken]))
-        framed_digit(draw, rng.randrange(10), *corner(taken[-1]), spec.glyph, rng.choice(DECOY_COLORS), spec.frame)
-    frame = framed_digit(draw, digit, x, y, spec.glyph, FRAME_COLOR, spec.frame)
-    return image, frame, shown
-
-
-def shown_box(box, original_size, shown_size):
-    sx, sy = shown_size[0] / original_size[0], shown_size[1] / original_size[1]
-    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    target, *decoys = rng.sample(cells, 1 + spec.decoys)
+    for cell in decoys:
+        centre = ((cell[0] + 0.5) * CELL * scale, (cell[1] + 0.5) * CELL * scale)
+        draw_frame(draw, *centre, spec.frame * scale, rng.choice(DECOY_COLORS))
+        draw_bar(draw, rng.choice(GLYPHS), *centre, spec.bar * scale)
+    cx, cy = (target[0] + 0.5) * CELL, (target[1] + 0.5) * CELL  # displayed pixels
+    boxes = [[target[0] * CELL, target[1] * CELL, (target[0] + 1) * CELL, (target[1] + 1) * CELL]]
+    if spec.outer:
+        draw_frame(draw, cx * scale, cy * scale, spec.outer * scale, FRAME_COLOR)
+        qx, qy = rng.randrange(2), rng.randrange(2)  # the quarter of the cell, i.e. the token of the crop
+        cx, cy = (target[0] + qx / 2 + 0.25) * CELL, (target[1] + qy / 2 + 0.25) * CELL
+        boxes.append([qx * CELL, qy * CELL, (qx + 1) * CELL, (qy + 1) * CELL])
+    centre = (cx * scale, cy * scale)
+    frame = draw_frame(draw, *centre, spec.frame * scale, FRAME_COLOR)
+    draw_bar(draw, glyph, *centre, spec.bar * scale)
+    return image, frame, boxes, shown
 
 
 def make_task(seed: int, kind: str, processor, max_pixels: int | None = None) -> tuple[dict, list[Image.Image]]:
-    """A task and its gold trajectory (`vilavt.trajectories` schema, image paths to be filled in), for the
-    originals shown at the processor's budget or `max_pixels`."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """A task and its gold trajectory (`vilavt.trajectories` schema, image paths to be filled in).
+
+    The scene is laid out for the processor's default budget; `max_pixels` shows the originals at another
+    budget (an evaluation at another initial resolution: the gold answer holds, the gold boxes are for
+    the default budget).
+    """
+    if kind not in KINDS + CURRICULUM:
+        raise ValueError(f"kind must be one of {KINDS + CURRICULUM}, got {kind!r}")
     rng = random.Random(f"{kind}:{seed}")
     spec = SPECS[kind]
     count = 2 if kind == "multi" else 1
-    budget = processor.original_budget(count, max_pixels)
-    factor = processor.patch_factor
-    digits = rng.sample(range(10), count)
-    scenes = [scene(rng, spec, digit, budget, processor if kind == "nested" else None) for digit in digits]
-    images = [image for image, _, _ in scenes]
-    boxes = [cell_box(shown_box(frame, image.size, shown), *shown) for image, frame, shown in scenes]
-    query = "the digit inside the red frame"
-    if kind == "single":
-        question = "What digit is inside the red frame?"
-        answer, problem_type = str(digits[0]), "numerical"
+    if kind == "multi" and rng.random() < 0.5:
+        glyphs = [rng.choice(GLYPHS)] * 2  # half the pairs point the same way
+    else:
+        glyphs = rng.sample(GLYPHS, count)
+    scenes = [scene(rng, spec, glyph, processor.original_budget(count)) for glyph in glyphs]
+    images = [image for image, _, _, _ in scenes]
+    boxes = [gold for _, _, gold, _ in scenes]
+    query = "the bar inside the red frame"
+    question = "Which way does the bar inside the red frame point: vertical, horizontal, rising or falling?"
+    answer, problem_type = glyphs[0], "free text"
+    zoom = "The bar is too small to see. Zoom in on the red frame."
+    if kind == "direct":
+        max_pixels = DIRECT_ZOOM**2 * processor.max_pixels
+        turns = [{"thought": f"The bar is {answer}.", "answer": answer}]
+    elif kind == "single":
         turns = [
-            {"thought": "The digit is too small to read. Zoom in on the red frame.", "query": query,
-             "regions": [{"index": 0, "bbox_2d": boxes[0]}]},
-            {"thought": f"The digit is {answer}.", "answer": answer},
-        ]  # fmt: skip
+            {"thought": zoom, "query": query, "regions": [{"index": 0, "bbox_2d": boxes[0][0]}]},
+            {"thought": f"The bar is {answer}.", "answer": answer},
+        ]
     elif kind == "multi":
-        question = "Is the digit in image 0 larger than the digit in image 1?"
-        answer, problem_type = ("yes" if digits[0] > digits[1] else "no"), "judgment"
+        question = "Do the bars inside the red frames of image 0 and image 1 point the same way?"
+        answer, problem_type = ("yes" if glyphs[0] == glyphs[1] else "no"), "judgment"
         turns = [
-            {"thought": "Both digits are too small to read. Zoom in on both red frames.", "query": "the digits inside the red frames",
-             "regions": [{"index": 0, "bbox_2d": boxes[0]}, {"index": 1, "bbox_2d": boxes[1]}]},
-            {"thought": f"The digits are {digits[0]} and {digits[1]}.", "answer": answer},
+            {"thought": "Both bars are too small to see. Zoom in on both red frames.", "query": "the bars inside the red frames",
+             "regions": [{"index": 0, "bbox_2d": boxes[0][0]}, {"index": 1, "bbox_2d": boxes[1][0]}]},
+            {"thought": f"The bars are {glyphs[0]} and {glyphs[1]}.", "answer": answer},
         ]  # fmt: skip
     else:
-        question = "What digit is inside the red frame?"
-        answer, problem_type = str(digits[0]), "numerical"
-        # Where the frame lands in the first crop, through the same cropping code as inference.
-        (image, frame, shown), = scenes
-        ledger = ImageLedger([image], [shown])
-        crop = ledger.crop(Region(0, tuple(boxes[0])), processor.crop_max_pixels, processor.crop_min_pixels, factor)
-        x1, y1, x2, y2 = crop.entry.box
-        crop_px = (crop.entry.width / ((x2 - x1) * image.width), crop.entry.height / ((y2 - y1) * image.height))
-        frame_in_crop = (
-            (frame[0] - x1 * image.width) * crop_px[0], (frame[1] - y1 * image.height) * crop_px[1],
-            (frame[2] - x1 * image.width) * crop_px[0], (frame[3] - y1 * image.height) * crop_px[1],
-        )  # fmt: skip
-        inner = cell_box(frame_in_crop, crop.entry.width, crop.entry.height, INNER_CELL)
         turns = [
-            {"thought": "The digit is too small to read. Zoom in on the red frame.", "query": query,
-             "regions": [{"index": 0, "bbox_2d": boxes[0]}]},
-            {"thought": "Still too small. Zoom in again.", "query": query, "regions": [{"index": 1, "bbox_2d": inner}]},
-            {"thought": f"The digit is {answer}.", "answer": answer},
+            {"thought": zoom, "query": query, "regions": [{"index": 0, "bbox_2d": boxes[0][0]}]},
+            {"thought": "Still too small. Zoom in on the small red frame.", "query": query,
+             "regions": [{"index": 1, "bbox_2d": boxes[0][1]}]},
+            {"thought": f"The bar is {answer}.", "answer": answer},
         ]  # fmt: skip
     row = {
         "id": f"{kind}-{seed:06d}",
@@ -232,9 +217,9 @@ def make_task(seed: int, kind: str, processor, max_pixels: int | None = None) ->
         "problem_type": problem_type,
         "answer": answer,
         "turns": turns,
-        "glyph_px": spec.glyph,
         "original_sizes": [list(image.size) for image in images],
-        "frames": [[round(v, 1) for v in frame] for _, frame, _ in scenes],  # original pixels
+        "frames": [[round(v, 1) for v in frame] for _, frame, _, _ in scenes],  # the bar's frame, original pixels
+        "glyphs": glyphs,
     }
     if max_pixels:
         row["max_pixels"] = max_pixels

@@ -45,10 +45,11 @@ _BOXES = [json.dumps({"index": i % 3, "bbox_2d": [a, b, c, d]}) for i, (a, b, c,
 _CORPUS = [
     CHAT_TEMPLATE,
     " ".join(_BOXES),
-    "The digit is too small to read. Zoom in on the red frame. Still too small. Zoom in again. The digits are 3 and 7.",
-    "Both digits are too small to read. Zoom in on both red frames. the digit inside the red frame. the digits inside the red frames",
+    "The bar is too small to see. Zoom in on the red frame. Still too small. Zoom in again. The bar is rising.",
+    "Both bars are too small to see. Zoom in on both red frames. the bar inside the red frame. the bars inside the red frames",
     "The index of the zoom-in image is 1 (width: 224, height: 224). Continue. No more tool calls. Answer now:",
-    "What digit is inside the red frame? Is the digit in image 0 larger than the digit in image 1? yes no",
+    "Which way does the bar inside the red frame point: vertical, horizontal, rising or falling? The bars are falling and vertical.",
+    "Do the bars inside the red frames of image 0 and image 1 point the same way? yes no",
     "0123456789 0 1 2 3 4 5 6 7 8 9 10 11 12 100 255 512 1024",
     "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
     '{"region": [{"index": 0, "bbox_2d": [10, 20, 30, 40]}], "query": "what digit is in the red frame?"}',
@@ -133,20 +134,19 @@ def tiny_config(tokenizer=None, query_tokenizer=None, **overrides) -> ViLaVTConf
 
 
 # The demo model of the synthetic zoom task: a little larger than the test model; originals share about
-# 112 x 112 pixels (16 image tokens), crops are shown at about 224 x 224 (64 tokens); the compact prompt.
+# 112 x 112 pixels (16 image tokens), crops at their natural 2x zoom (a one-token box gives 56 x 56 pixels,
+# 4 tokens); the compact prompt.
 DEMO_CONFIG = dict(
     vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128),
     text_config=dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        # With head_dim 32 and Qwen's rope_theta 1e6 the height/width sections would rotate by ~1e-4 rad per
-        # token: image positions would be invisible to the LLM and boxes unlearnable.
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 7, 7], "rope_theta": 100.0},
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
     ),
     text_encoder_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     initializer_range=0.02,
 )  # fmt: skip
 DEMO_PROCESSOR = dict(
-    max_pixels=112 * 112, min_pixels=56 * 56, crop_max_pixels=224 * 224, crop_min_pixels=224 * 224, prompt_style="compact"
+    max_pixels=112 * 112, min_pixels=56 * 56, crop_max_pixels=224 * 224, prompt_style="compact"
 )
 
 

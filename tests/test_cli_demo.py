@@ -1,0 +1,76 @@
+"""The shipped checkpoint behind the `vilavt` console script: demo, chat and synth-eval run end to end in
+a fresh process, offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vilavt.demo import SHIPPED
+from vilavt.synthetic import GLYPHS, make_task
+
+VILAVT = Path(sys.executable).parent / "vilavt"  # the installed console script
+
+
+def vilavt(*args: str, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([str(VILAVT), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    if check:
+        assert result.returncode == 0, f"vilavt {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_the_checkpoint_is_shipped_small_and_without_code():
+    files = {path.name for path in SHIPPED.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= files or {"config.json", "model.safetensors"} <= files
+    assert not any(name.endswith(".py") for name in files)  # the remote code is the package's, never a copy
+    assert sum(path.stat().st_size for path in SHIPPED.rglob("*") if path.is_file()) <= 25 * 2**20
+
+
+def test_demo_solves_a_task_and_draws_the_trace(tmp_path):
+    out = vilavt("demo", "--seed", "3", cwd=tmp_path).stdout
+    assert out.startswith("task: Which way does the bar")
+    assert "round 1: thought:" in out and "boxes: image 0 [" in out
+    answer = out.split("\nanswer: ")[1].split("  (")[0].strip("'\"")
+    assert answer in GLYPHS
+    picture = Path(out.rstrip().rsplit("the trace picture is at ", 1)[1])
+    assert picture == tmp_path / "vilavt-demo-trace.png"
+    with Image.open(picture) as image:
+        assert image.width > 200 and image.height > 200
+
+
+def test_chat_on_image_files_prints_rounds_and_writes_the_picture(tmp_path):
+    from vilavt.demo import load
+
+    _, processor = load()
+    row, images = make_task(10_000_123, "multi", processor)
+    paths = []
+    for k, image in enumerate(images):
+        paths += ["--image", str(tmp_path / f"{k}.png")]
+        image.save(tmp_path / f"{k}.png")
+    out = vilavt("chat", *paths, "--question", row["question"], "--out", str(tmp_path / "trace.png")).stdout
+    assert "round 1: thought:" in out
+    answer = out.split("\nanswer: ")[1].split("  (")[0].strip("'\"")
+    assert answer in ("yes", "no")
+    assert (tmp_path / "trace.png").stat().st_size > 0
+
+
+def test_chat_names_a_missing_image(tmp_path):
+    result = vilavt("chat", "--image", str(tmp_path / "nope.png"), "--question", "What?", check=False)
+    assert result.returncode == 2
+    assert "nope.png" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-tools"]])
+def test_synth_eval_ends_with_a_json_summary(flags):
+    out = vilavt("synth-eval", "--n", "8", "--type", "single", *flags).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["n"] == 8 and 0.0 <= summary["accuracy"] <= 1.0
+    if flags:
+        assert summary["mean_rounds"] == 0.0
+    else:
+        assert summary["mean_rounds"] >= 1.0  # the bar is unreadable at the first look: the model zooms
