@@ -44,9 +44,9 @@ SFT = dict(
     dataloader_num_workers=1,
     disable_tqdm=True,
 )
-# GRPO on single-image tasks: 2 prompts x 8 rollouts per step at temperature 1. The tiny model's errors are
-# perception errors that a frozen vision side cannot fix; a higher learning rate (3e-5 and up) made greedy
-# accuracy worse on held-out tasks, so this stage is deliberately gentle (see the README's table).
+# GRPO on single-image tasks: 2 prompts x 8 rollouts per step at temperature 1. A higher learning rate
+# (3e-5 and up) made greedy accuracy worse on held-out tasks, so this stage is deliberately gentle; it does
+# not improve on SFT (see the README's table).
 GRPO = dict(
     max_steps=30,
     per_device_train_batch_size=16,

@@ -87,7 +87,7 @@ def synth_eval(
         model, processor = load()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(data_dir or scratch)
-        split = f"eval-{'-'.join(kinds)}-{seed}-{n}"
+        split = f"eval-{'-'.join(kinds)}-{seed}-{n}-{processor.max_pixels}"  # tasks are laid out for this budget
         path = folder / f"{split}.jsonl"
         if not path.exists():
             path = write_tasks(folder, n, seed, list(kinds), processor, split=split, workers=2)

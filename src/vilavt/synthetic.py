@@ -126,12 +126,6 @@ def canvas_size(rng: random.Random, spec: Spec, budget: tuple[int, int]) -> tupl
             return canvas, shown
 
 
-def cell_of(point, cell: int = CELL) -> list[int]:
-    """The `cell` x `cell` grid square holding `point` (displayed pixels), as a box."""
-    x, y = int(point[0] // cell) * cell, int(point[1] // cell) * cell
-    return [x, y, x + cell, y + cell]
-
-
 def scene(rng: random.Random, spec: Spec, glyph: str, budget: tuple[int, int]):
     """One image: returns (image, frame box in original pixels, gold boxes, displayed size).
 
