@@ -214,6 +214,7 @@ def test_grpo_rollouts_call_the_tool_and_train(grpo_run):
     assert len(logs) == 2
     assert all(h["vilavt/rounds_per_episode"] == 1 and h["vilavt/crops_per_episode"] == 1 for h in logs)
     assert all(h["reward_std"] > 0 for h in logs)  # right and wrong answers in each group
+    assert all(h["vilavt/accuracy"] == 0.5 and h["vilavt/format_rate"] == 1 for h in logs)  # the reward's parts
     assert all(h["completions/clipped_ratio"] == 0 for h in logs)
 
 

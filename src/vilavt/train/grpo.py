@@ -21,7 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..remote_code.processing_vilavt import open_image
-from ..rewards import make_vilavt_reward
+from ..rewards import accuracy_reward, format_reward, make_vilavt_reward
 from ..trajectories import load_trajectories
 from .common import GRPO_TRAINABLE, apply_lora, load_model_and_processor, precision_defaults, save_checkpoint, set_trainable, split_config
 
@@ -72,7 +72,8 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
             policy in tests); rows are the dataset rows, in batch order.
 
     Logged metrics besides TRL's: `vilavt/rounds_per_episode`, `vilavt/crops_per_episode`,
-    `vilavt/answered` (share of episodes that ended with an answer) and `vilavt/rollout_logprob_gap`
+    `vilavt/answered` (share of episodes that ended with an answer), `vilavt/format_rate` and `vilavt/accuracy`
+    (the reward's two parts) and `vilavt/rollout_logprob_gap`
     (max |log p| difference between the scoring pass and the rollout on the trained tokens; ~0 before
     the first update of a generation batch, then the policy's drift).
     """
@@ -144,6 +145,10 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         self._log_metric("vilavt/rounds_per_episode", sum(len(t.rounds) for t in traces) / len(traces))
         self._log_metric("vilavt/crops_per_episode", sum(len(r.crops) for t in traces for r in t.rounds) / len(traces))
         self._log_metric("vilavt/answered", sum(t.answer is not None for t in traces) / len(traces))
+        # The reward's two parts, logged apart: how often the protocol is kept, how often the answer is right.
+        self._log_metric("vilavt/format_rate", sum(format_reward(texts)) / len(texts))
+        answers, kinds = [row["answer"] for row in rows], [row["problem_type"] for row in rows]
+        self._log_metric("vilavt/accuracy", sum(accuracy_reward(texts, answers, kinds)) / len(texts))
         return {
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
