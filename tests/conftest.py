@@ -58,3 +58,24 @@ def run_python(code: str, timeout: int = 300) -> str:
     )
     assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+def replay_live(model, processor, row: dict, image_root: Path):
+    """A trajectory two ways: (its training episode, the chatting loop's `generate` output when a scripted
+    policy writes the trajectory's own turns)."""
+    from PIL import Image
+    from transformers import LogitsProcessorList
+
+    from vilavt.scripted import ScriptedPolicy
+    from vilavt.trajectories import build_episode, runs_of_model_turns
+
+    episode = build_episode(row, processor, model.config, image_root=image_root)
+    turns = [processor.tokenizer.decode(episode.ids[i:j]).removesuffix("<|im_end|>\n") for i, j in runs_of_model_turns(episode)]
+    originals = [Image.open(image_root / name).convert("RGB") for name in row["images"]]
+    messages = [{"role": "user", "content": [*({"type": "image", "image": im} for im in originals), {"type": "text", "text": row["question"]}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    output = model.generate(
+        **inputs, images=[originals], processor=processor, return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([ScriptedPolicy(processor.tokenizer, [turns])]),
+    )  # fmt: skip
+    return episode, output

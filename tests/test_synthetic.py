@@ -5,16 +5,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import replay_live
 from PIL import Image
-from transformers import LogitsProcessorList
 
 from vilavt import tiny_vilavt
 from vilavt.remote_code.processing_vilavt import displayed_size
 from vilavt.remote_code.protocol_vilavt import Region
 from vilavt.remote_code.regions_vilavt import ImageLedger
-from vilavt.scripted import ScriptedPolicy
 from vilavt.synthetic import KINDS, make_task, write_tasks
-from vilavt.trajectories import build_episode, runs_of_model_turns
+from vilavt.trajectories import build_episode
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +88,7 @@ def test_gold_trajectories_replay_through_the_loop_to_the_gold_answer(demo, kind
     model, processor = demo
     path = write_tasks(tmp_path, 1, 200, [kind], processor)
     row = json.loads(path.read_text())
-    episode = build_episode(row, processor, model.config, image_root=tmp_path)
-    turns = [processor.tokenizer.decode(episode.ids[i:j]).removesuffix("<|im_end|>\n") for i, j in runs_of_model_turns(episode)]
-    images = [Image.open(tmp_path / name).convert("RGB") for name in row["images"]]
-    messages = [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": row["question"]}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    output = model.generate(
-        **inputs, images=[images], processor=processor, return_dict_in_generate=True,
-        logits_processor=LogitsProcessorList([ScriptedPolicy(processor.tokenizer, [turns])]),
-    )  # fmt: skip
+    episode, output = replay_live(model, processor, row, tmp_path)
     trace = output.traces[0]
     assert trace.answer == row["answer"] and trace.stop_reason == "answer"
     assert len(trace.rounds) == len(row["turns"]) - 1 and all(r.error is None for r in trace.rounds)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import replay_live, run_python
 from PIL import Image, ImageDraw
 from transformers import LogitsProcessorList
 
@@ -92,18 +92,8 @@ def test_trajectories_replay_through_the_live_loop(tiny, data):
     the same turns: same tokens, images, queries and mapping."""
     model, processor = tiny
     for row in TRAJECTORIES:
-        episode = build_episode(row, processor, model.config, image_root=data)
-        turns = [processor.tokenizer.decode(episode.ids[i:j]).removesuffix("<|im_end|>\n") for i, j in runs_of_model_turns(episode)]
-        originals = [Image.open(data / name).convert("RGB") for name in row["images"]]
-        messages = [{"role": "user", "content": [*({"type": "image", "image": im} for im in originals), {"type": "text", "text": row["question"]}]}]
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-        live = model.generate(
-            **inputs,
-            images=[originals],
-            processor=processor,
-            logits_processor=LogitsProcessorList([ScriptedPolicy(processor.tokenizer, [turns])]),
-            return_dict_in_generate=True,
-        ).episodes[0]
+        episode, output = replay_live(model, processor, row, data)
+        live = output.episodes[0]
         assert live.trace.answer == row["answer"]
         assert live.ids == episode.ids[: len(live.ids)] and episode.ids[len(live.ids) :] == processor.tokenizer.encode("\n")
         assert live.grids == episode.grids and live.mapping == episode.mapping
