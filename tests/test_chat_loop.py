@@ -273,3 +273,32 @@ def test_plain_tensor_output(tiny):
     sequences = model.generate(**inputs, processor=processor, max_new_tokens=5)
     assert isinstance(sequences, torch.Tensor) and sequences.shape[1] <= inputs["input_ids"].shape[1] + 5
     assert torch.equal(sequences[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+
+
+def test_growing_cache_matches_dynamic_cache():
+    """The loop's cache writes into spare capacity; it must hold exactly what DynamicCache's concatenation
+    holds, through growth, row selection (finished rows leave) and column pruning (shared padding)."""
+    from transformers.cache_utils import DynamicCache
+
+    from vilavt.remote_code.generation_vilavt import GrowingCache
+
+    torch.manual_seed(0)
+    grown, reference = GrowingCache(), DynamicCache()
+    for step, width in enumerate([300, 1, 1, 257, 1, 600, 1]):
+        rows = 4 if step <= 3 else 3
+        for layer in range(2):
+            k, v = torch.randn(rows, 2, width, 8), torch.randn(rows, 2, width, 8)
+            got, want = grown.update(k, v, layer), reference.update(k, v, layer)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert grown.get_seq_length() == reference.get_seq_length()
+        if step == 3:  # a row leaves
+            for cache in (grown, reference):
+                cache.batch_select_indices(torch.tensor([0, 2, 3]))
+        if step == 4:  # drop two columns, as ChatSession.drop does for padding no row needs
+            columns = torch.tensor([c for c in range(reference.get_seq_length()) if c not in (5, 9)])
+            for cache in (grown, reference):
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
+    for a, b in zip(grown.layers, reference.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert grown.layers[0]._key_buffer.shape[-2] > grown.get_seq_length()  # spare capacity is being used
