@@ -1,6 +1,7 @@
 """Shared by the benchmarks: the "small" model (about 28 M parameters), the scene, scripted episodes."""
 
 import json
+import math
 import os
 import time
 
@@ -31,11 +32,12 @@ SMALL = dict(
     ),
     initializer_range=0.05,
 )
-IMAGE_SIDE = 1344  # shown at 1344 x 1344: 2304 image tokens
+IMAGE_SIDE = 1344  # default: shown at 1344 x 1344, 2304 image tokens (`--image-side` changes it)
 FREE_TOKENS = 48  # thought tokens the model writes itself at the start of every turn
 
 
-def build():
+def build(side: int = IMAGE_SIDE):
+    """The small model and a processor that shows a `side` x `side` image as it is (side: a multiple of 28)."""
     torch.manual_seed(0)
     tokenizer, query_tokenizer = build_tokenizers()
     config = tiny_config(tokenizer, query_tokenizer, **json.loads(json.dumps(SMALL)))
@@ -43,16 +45,16 @@ def build():
     model = ViLaVTForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
-    processor = tiny_processor(tokenizer, query_tokenizer, max_pixels=IMAGE_SIDE * IMAGE_SIDE, crop_max_pixels=448 * 448)
+    processor = tiny_processor(tokenizer, query_tokenizer, max_pixels=side * side, crop_max_pixels=448 * 448)
     return model, processor
 
 
-def scene(seed=0) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), "white")
+def scene(seed=0, side: int = IMAGE_SIDE) -> Image.Image:
+    image = Image.new("RGB", (side, side), "white")
     draw = ImageDraw.Draw(image)
     g = torch.Generator().manual_seed(seed)
     for _ in range(60):
-        x, y = (torch.randint(0, IMAGE_SIDE - 60, (2,), generator=g)).tolist()
+        x, y = (torch.randint(0, side - 60, (2,), generator=g)).tolist()
         draw.rectangle((x, y, x + 60, y + 40), fill=tuple(torch.randint(0, 255, (3,), generator=g).tolist()))
     return image
 
@@ -70,7 +72,8 @@ def script(variant=0):
 
 def inputs_for(processor, seeds):
     """A batch of conversations, one per scene seed (repeated seeds = several rollouts of one prompt)."""
-    images = {seed: scene(seed) for seed in set(seeds)}
+    side = math.isqrt(processor.max_pixels)
+    images = {seed: scene(seed, side) for seed in set(seeds)}
     conversations = [
         [{"role": "user", "content": [{"type": "image", "image": images[s]}, {"type": "text", "text": "Which option?"}]}]
         for s in seeds

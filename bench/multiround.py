@@ -2,7 +2,9 @@
 own limit, and batched against one-after-another. All ratios come from one process and one set of
 weights; peak memory per variant comes from a fresh subprocess each.
 
-    python bench/multiround.py [--repeats 3]
+    python bench/multiround.py [--repeats 3] [--image-side 1344]
+
+Each time is the best of `--repeats` runs (noise on a shared machine only ever adds time).
 
 Prints a table and, as its last line, a JSON object with
   p1_reprefill_over_incremental  time of incremental=False / time of ours (one 3-round episode)
@@ -14,7 +16,6 @@ Prints a table and, as its last line, a JSON object with
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -90,17 +91,17 @@ def limit(model, episode):
     return prompt_seconds, other
 
 
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        times.append(fn())
-    return statistics.median(times)
+def best_time(fn, repeats):
+    return min(fn() for _ in range(repeats))
 
 
-def peak_memory(variant: str) -> float:
+def peak_memory(variant: str, side: int) -> float:
     """Peak RSS (MB) of `variant` above the loaded model, measured in a fresh process."""
     result = subprocess.run(
-        [sys.executable, __file__, "--peak-memory", variant], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--peak-memory", variant, "--image-side", str(side)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -110,9 +111,9 @@ def status_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
 
 
-def measure_peak(variant: str) -> None:
+def measure_peak(variant: str, side: int) -> None:
     """Run one variant once in this fresh process; print its peak RSS above the loaded model."""
-    model, processor = build()
+    model, processor = build(side)
     with open("/proc/self/clear_refs", "w") as refs:  # reset the high-water mark (VmHWM) to the current RSS
         refs.write("5")
     before = status_mb("VmRSS")
@@ -131,13 +132,17 @@ def measure_peak(variant: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="the image is shown at side x side (a multiple of 28)")
     parser.add_argument("--peak-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.image_side % 28 or args.image_side < 896:
+        parser.error("--image-side must be a multiple of 28, at least 896")
+    side = args.image_side
     if args.peak_memory:
-        measure_peak(args.peak_memory)
+        measure_peak(args.peak_memory, side)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, processor = build()
+    model, processor = build(side)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     run(model, processor, [script()])  # warm-up
 
@@ -145,20 +150,20 @@ def main():
         (run(model, processor, [script()])[0], run(model, processor, [script()], incremental=False)[0])
         for _ in range(args.repeats)
     ]  # interleaved, so drift in the machine's speed hits both variants alike
-    ours = statistics.median(p[0] for p in pairs)
-    reprefill = statistics.median(p[1] for p in pairs)
+    ours = min(p[0] for p in pairs)
+    reprefill = min(p[1] for p in pairs)
     _, output = run(model, processor, [script()])
     episode = output.episodes[0]
     parts = [limit(model, episode) for _ in range(args.repeats)]
-    prompt_seconds = statistics.median(p for p, _ in parts)
-    limit_seconds = statistics.median(o for _, o in parts)
+    prompt_seconds = min(p for p, _ in parts)
+    limit_seconds = min(o for _, o in parts)
     rounds_ours = ours - prompt_seconds
 
-    sequential = median_time(lambda: sum(run(model, processor, [script(v)])[0] for v in range(8)), 1)
-    batched = median_time(lambda: run(model, processor, [script(v) for v in range(8)])[0], max(1, args.repeats - 1))
+    sequential = best_time(lambda: sum(run(model, processor, [script(v)])[0] for v in range(8)), 1)
+    batched = best_time(lambda: run(model, processor, [script(v) for v in range(8)])[0], max(1, args.repeats - 1))
 
     trace = output.traces[0]
-    peaks = {name: peak_memory(name) for name in ("incremental", "reprefill", "sequential8", "batched8")}
+    peaks = {name: peak_memory(name, side) for name in ("incremental", "reprefill", "sequential8", "batched8")}
     results = {
         "p1_reprefill_over_incremental": round(reprefill / ours, 2),
         "p2_round_over_limit": round(rounds_ours / limit_seconds, 3),
@@ -175,7 +180,7 @@ def main():
         },
         "setup": {
             "params_m": round(params, 1),
-            "image": f"{IMAGE_SIDE}x{IMAGE_SIDE}",
+            "image": f"{side}x{side}",
             "image_tokens": int((episode.grids[0][1] * episode.grids[0][2]) // 4),
             "rounds": len(trace.rounds),
             "crops": sum(len(r.crops) for r in trace.rounds),
@@ -193,7 +198,7 @@ def main():
         ("8 rollouts of one prompt, one after another", f"{sequential:.3f} s", ""),
         ("the same 8 as one batch", f"{batched:.3f} s", f"p3 = {results['p3_batched_speedup']}x"),
     ]
-    print(f"ViLaVT multi-round benchmark: {params:.1f} M parameters, {IMAGE_SIDE}x{IMAGE_SIDE} image "
+    print(f"ViLaVT multi-round benchmark: {params:.1f} M parameters, {side}x{side} image "
           f"({results['setup']['image_tokens']} image tokens), {len(trace.rounds)} rounds, "
           f"{results['setup']['crops']} crops, {trace.generated_tokens} sampled + {trace.injected_tokens} injected tokens, "
           f"{torch.get_num_threads()} threads")
