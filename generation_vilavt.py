@@ -133,9 +133,9 @@ class ViLaVTGenerateOutput(ModelOutput):
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer that writes new tokens into spare capacity instead of concatenating: `DynamicLayer`
-    copies the whole cache every decoding step (on CPU a third of a step for one row at a few thousand
-    tokens, more than half for eight). `keys` / `values` are views of the filled part; assigning them
-    (row selection, column pruning) adopts the tensor as the new buffer."""
+    copies the whole cache every decoding step, which grows with rows x cached tokens (bench/kv_cache.py).
+    `keys` / `values` are views of the filled part; assigning them (row selection, column pruning) adopts
+    the tensor as the new buffer."""
 
     headroom = 0.25  # grow by a quarter of the needed length (at least `min_growth` tokens): amortised O(1)
     min_growth = 256
