@@ -4,7 +4,8 @@ weights; peak memory per variant comes from a fresh subprocess each.
 
     python bench/multiround.py [--repeats 3] [--image-side 1792]
 
-Each time is the best of `--repeats` runs (noise on a shared machine only ever adds time).
+Each time is the best of `--repeats` runs (noise on a shared machine only ever adds time); the 8 sequential
+episodes run once, the batch of 8 `--repeats - 1` times.
 
 Prints a table and, as its last line, a JSON object with
   p1_reprefill_over_incremental  time of incremental=False / time of ours (one 3-round episode)
