@@ -32,7 +32,7 @@ SMALL = dict(
     ),
     initializer_range=0.05,
 )
-IMAGE_SIDE = 1344  # default: shown at 1344 x 1344, 2304 image tokens (`--image-side` changes it)
+IMAGE_SIDE = 1344  # bench/rollout.py's default image: 1344 x 1344, 2304 image tokens (multiround.py: 1792)
 FREE_TOKENS = 48  # thought tokens the model writes itself at the start of every turn
 
 
