@@ -34,7 +34,7 @@ def limit(model, episode):
     """The same work as one episode, each part timed alone with no loop around it: prefill of the
     prompt, then per turn decode its sampled tokens one by one, encode the round's crops, prefill the
     tool-response tokens. Returns (prompt prefill seconds, everything-else seconds)."""
-    from vilavt.remote_code.generation_vilavt import Episode, full_inputs
+    from vilavt.remote_code.generation_vilavt import Episode, GrowingCache, full_inputs
 
     ids = episode.ids
     prompt = Episode(ids[: episode.prompt_length], episode.pixel_rows[:1], episode.grids[:1], episode.query_ids[:1],
@@ -43,7 +43,9 @@ def limit(model, episode):
     mm = model.model.mm_token_type_ids(inputs["input_ids"])
     positions, deltas = model.model.get_rope_index(inputs["input_ids"], mm, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
     start = time.perf_counter()
-    cache = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1).past_key_values
+    # The loop's own cache type, so the limit differs from the loop only by the loop around the work.
+    cache = model(**inputs, position_ids=positions, past_key_values=GrowingCache(), use_cache=True,
+                  logits_to_keep=1).past_key_values
     prompt_seconds = time.perf_counter() - start
 
     # Consecutive runs of sampled / injected tokens after the prompt.
