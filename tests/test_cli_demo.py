@@ -74,3 +74,36 @@ def test_synth_eval_ends_with_a_json_summary(flags):
         assert summary["mean_rounds"] == 0.0
     else:
         assert summary["mean_rounds"] >= 1.0  # the bar is unreadable at the first look: the model zooms
+
+
+class _SplitTokenizer:
+    """Writes tags as several tokens, like the real Qwen tokenizer."""
+
+    vocab = {"</": 1, "think": 2, ">": 3, "<": 4, "answer": 5, "x": 6}
+
+    def encode(self, text, add_special_tokens=False):
+        return {"</think>": [1, 2, 3], "<answer>": [4, 5, 3]}[text]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_single_look_answers_right_after_its_thought(split):
+    import torch
+
+    from vilavt.demo import AnswerAfterThought
+    from vilavt.tiny import build_tokenizers
+
+    tokenizer = _SplitTokenizer() if split else build_tokenizers()[0]
+    close, answer = tokenizer.encode("</think>"), tokenizer.encode("<answer>")
+    force = AnswerAfterThought(tokenizer)
+    rows = [[6, 6, *close], [6, *close, *answer[:-1]] if split else [6, 6, 6], [6, *close, 6]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    scores = torch.randn(3, 1100)
+    original = scores.clone()
+    out = force(input_ids, scores)
+    assert out[0].argmax() == answer[0] and torch.isinf(out[0]).sum() == 1099  # nothing else is possible
+    if split:
+        assert out[1].argmax() == answer[-1] and torch.isinf(out[1]).sum() == 1099  # finishes the tag
+    else:
+        assert torch.equal(out[1], original[1])
+    assert torch.equal(out[2], original[2])  # mid-thought: untouched

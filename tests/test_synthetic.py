@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import replay_live
 from PIL import Image
 
@@ -134,3 +135,45 @@ def test_vision_pretraining_learns_where_the_bar_is_and_which_way_it_points(tmp_
     assert result["direction"] >= 0.8  # chance: 0.25
     assert result["position"] >= 0.9
     assert any(not torch.equal(a, b) for a, b in zip(before, vision_parameters(model)))
+
+
+def test_grounding_examples_are_the_start_of_the_replayed_trajectory(demo, tmp_path):
+    from vilavt.grounding_warmup import grounding_examples
+    from vilavt.trajectories import IGNORE_INDEX
+
+    model, processor = demo
+    path = write_tasks(tmp_path, 4, 500, ["single", "multi", "nested", "direct"], processor)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    examples = grounding_examples(rows, processor, tmp_path)
+    assert len(examples) == 2  # multi has two images, direct answers at once
+    tokenizer = processor.tokenizer
+    for row, example in zip([rows[0], rows[2]], examples):
+        episode = build_episode(row, processor, model.config, image_root=tmp_path)
+        start = episode.ids.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+        image_span = episode.ids[start : episode.ids.index(tokenizer.convert_tokens_to_ids("<|vision_end|>")) + 1]
+        first_turn = episode.ids[episode.prompt_length :][: len(example.ids) - len(image_span)]
+        assert example.ids == image_span + first_turn
+        assert all(episode.sampled[episode.prompt_length : episode.prompt_length + len(first_turn)])
+        assert tokenizer.decode(first_turn).endswith("</tool><|im_end|>\n")
+        assert example.labels == [IGNORE_INDEX] * len(image_span) + first_turn
+        assert torch.equal(example.pixel_values, episode.pixel_rows[0]) and example.grid == list(episode.grids[0])
+
+
+def test_grounding_warm_up_trains_the_llm_only(tmp_path):
+    from vilavt.grounding_warmup import grounding_examples, turn_accuracy, warm_up_grounding
+    from vilavt.vision_pretraining import vision_parameters
+
+    torch.manual_seed(0)
+    model, processor = tiny_vilavt(seed=2, preset="demo")
+    path = write_tasks(tmp_path, 16, 600, ["single"], processor)
+    examples = grounding_examples([json.loads(line) for line in path.read_text().splitlines()], processor, tmp_path)
+    vision = [p.detach().clone() for p in vision_parameters(model)]
+    head = model.lm_head.weight.detach().clone()
+    flags = [p.requires_grad for p in model.parameters()]
+    before = turn_accuracy(model, processor, examples[:-1])
+    result = warm_up_grounding(model, processor, examples, steps=200, batch_size=8, lr=3e-3)
+    assert 0.0 <= result["turn"] <= 1.0
+    assert before == 0.0 and turn_accuracy(model, processor, examples[:-1]) >= 0.5  # fits its 15 training turns
+    assert all(torch.equal(a, b) for a, b in zip(vision, vision_parameters(model)))
+    assert not torch.equal(head, model.lm_head.weight)
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -1,7 +1,8 @@
 """The shipped tiny checkpoint and the commands around it: `vilavt chat`, `vilavt demo`, `vilavt synth-eval`.
 
 The shipped checkpoint (`vilavt/assets/tiny-zoom`) is a tiny ViLaVT trained on the synthetic zoom task
-(`vilavt.synthetic`) by vision pretraining (`vilavt.vision_pretraining`), then this project's SFT and GRPO;
+(`vilavt.synthetic`) by vision pretraining (`vilavt.vision_pretraining`), a grounding warm-up of the LLM
+(`vilavt.grounding_warmup`), then this project's SFT and GRPO;
 reproduce it with `examples/train_tiny.py`. It is stored with
 its weights, config and processor; `vilavt export` writes it (or any checkpoint) as a self-contained
 remote-code folder.
@@ -14,6 +15,28 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).parent / "assets" / "tiny-zoom"
+
+
+class AnswerAfterThought:
+    """Logits processor for a single look (with `<tool>` banned): once the model closes its thought it must
+    open `<answer>`. A model trained to zoom otherwise writes its tool call without the tag and never
+    answers, which measures its format, not what it can see."""
+
+    def __init__(self, tokenizer):
+        self.close = tokenizer.encode("</think>", add_special_tokens=False)
+        self.answer = tokenizer.encode("<answer>", add_special_tokens=False)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for row, ids in enumerate(input_ids.tolist()):
+            for written in range(len(self.answer)):  # `</think>` then the first `written` tokens of `<answer>`
+                if ids[len(ids) - len(self.close) - written :] == self.close + self.answer[:written]:
+                    forced = torch.full_like(scores[row], float("-inf"))
+                    forced[self.answer[written]] = 0.0
+                    scores[row] = forced
+                    break
+        return scores
 
 
 def shipped_checkpoint() -> Path:
@@ -78,7 +101,7 @@ def synth_eval(
     max_rounds: int = 5,
 ) -> dict:
     """Accuracy on `n` held-out synthetic tasks through the chatting loop. `no_tools`: the model may not write
-    `<tool>` (a single look, same model). `initial_max_pixels`: the originals' pixel budget. `data_dir`
+    `<tool>` and answers right after its thought (a single look, same model). `initial_max_pixels`: the originals' pixel budget. `data_dir`
     keeps the tasks, and reuses them when the same tasks were written there before."""
     from .benchmarks import run_eval
     from .synthetic import write_tasks
@@ -93,7 +116,10 @@ def synth_eval(
             path = write_tasks(folder, n, seed, list(kinds), processor, split=split, workers=2)
         generate = {"max_new_tokens": 600}
         if no_tools:
+            from transformers import LogitsProcessorList
+
             generate["bad_words_ids"] = [processor.tokenizer.encode("<tool>", add_special_tokens=False)]
+            generate["logits_processor"] = LogitsProcessorList([AnswerAfterThought(processor.tokenizer)])
         summary = run_eval(
             path, folder, model, processor, batch_size=batch_size, max_rounds=0 if no_tools else max_rounds,
             max_pixels=initial_max_pixels, progress=False, **generate,

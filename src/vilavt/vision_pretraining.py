@@ -10,7 +10,8 @@ encoded with their query), with throw-away heads on the merged tokens:
 * *direction*: the bar's direction, from the tokens under its frame, in views where it is readable;
 * *position*: each token's row and column (what a grounding model knows).
 
-SFT and GRPO then train the LLM on top (the vision tower frozen or at a low learning rate).
+The grounding warm-up (`vilavt.grounding_warmup`), SFT and GRPO then train the LLM on top (the vision
+tower frozen).
 """
 
 import logging
