@@ -77,9 +77,7 @@ def test_synth_eval_ends_with_a_json_summary(flags):
 
 
 class _SplitTokenizer:
-    """Writes tags as several tokens, like the real Qwen tokenizer."""
-
-    vocab = {"</": 1, "think": 2, ">": 3, "<": 4, "answer": 5, "x": 6}
+    """Writes tags as several tokens, like the real Qwen tokenizer ("</", "think", ">"; "<", "answer", ">")."""
 
     def encode(self, text, add_special_tokens=False):
         return {"</think>": [1, 2, 3], "<answer>": [4, 5, 3]}[text]

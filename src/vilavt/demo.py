@@ -29,7 +29,8 @@ class AnswerAfterThought:
     def __call__(self, input_ids, scores):
         import torch
 
-        for row, ids in enumerate(input_ids.tolist()):
+        tail = input_ids[:, -(len(self.close) + len(self.answer)) :].tolist()  # all a match can span
+        for row, ids in enumerate(tail):
             for written in range(len(self.answer)):  # `</think>` then the first `written` tokens of `<answer>`
                 if ids[len(ids) - len(self.close) - written :] == self.close + self.answer[:written]:
                     forced = torch.full_like(scores[row], float("-inf"))
@@ -101,8 +102,9 @@ def synth_eval(
     max_rounds: int = 5,
 ) -> dict:
     """Accuracy on `n` held-out synthetic tasks through the chatting loop. `no_tools`: the model may not write
-    `<tool>` and answers right after its thought (a single look, same model). `initial_max_pixels`: the originals' pixel budget. `data_dir`
-    keeps the tasks, and reuses them when the same tasks were written there before."""
+    `<tool>` and answers right after its thought (a single look, same model). `initial_max_pixels`: the
+    originals' pixel budget. `data_dir` keeps the tasks, and reuses them when the same tasks were written
+    there before."""
     from .benchmarks import run_eval
     from .synthetic import write_tasks
 
