@@ -5,9 +5,9 @@ pretraining -> grounding warm-up -> SFT -> GRPO.
 
 Every stage uses the project's own pieces: `vilavt.synthetic` (tasks and gold trajectories),
 `vilavt.vision_pretraining` (stage 0: the tiny vision tower learns to see on the views of the gold
-trajectories — a real ViLaVT starts from Qwen2.5-VL's trained one), `vilavt.grounding_warmup` (stage 0b: the
-LLM learns to write the frame's box, which Qwen2.5-VL also knows from pretraining), `vilavt.train.sft` (TRL SFTTrainer on
-replayed trajectories, vision frozen), `vilavt.train.grpo` (TRL GRPOTrainer with ViLaVT rollouts).
+trajectories — a real ViLaVT starts from Qwen2.5-VL's trained one), `vilavt.grounding_warmup` (stage 0b:
+the LLM learns to write the frame's box, which Qwen2.5-VL also knows from pretraining), `vilavt.train.sft`
+(TRL SFTTrainer on replayed trajectories, vision frozen), `vilavt.train.grpo` (TRL GRPOTrainer with ViLaVT rollouts).
 `--ship` copies the result (weights, config, processor) to src/vilavt/assets/tiny-zoom.
 """
 
@@ -93,11 +93,13 @@ def main():
     views = [view for row in rows for view in task_views(row, processor, data)]
     seen = pretrain_vision(model, processor, views, **VISION)
     logging.info("vision pretraining done after %.0f s: held-out %s", time.time() - started, seen)
-    grounded = warm_up_grounding(model, processor, grounding_examples(load_trajectories(sft_data), processor, data), **GROUNDING)
+    examples = grounding_examples(load_trajectories(sft_data), processor, data)
+    grounded = warm_up_grounding(model, processor, examples, **GROUNDING)
     logging.info("grounding warm-up done after %.0f s: held-out %s", time.time() - started, grounded)
 
     sft = build_sft_trainer(
-        {**SFT, "seed": args.sft_seed, "train_file": str(sft_data), "image_root": str(data), "output_dir": str(out / "sft"), "train": VISION_PARTS},
+        {**SFT, "seed": args.sft_seed, "train_file": str(sft_data), "image_root": str(data),
+         "output_dir": str(out / "sft"), "train": VISION_PARTS},
         model=model,
         processor=processor,
     )
@@ -115,7 +117,8 @@ def main():
     final = save_checkpoint(grpo.model, processor, out / "final")
     minutes = (time.time() - started) / 60
     logging.info("GRPO done: %.1f minutes in all", minutes)
-    (out / "timing.json").write_text(json.dumps({"minutes": round(minutes, 1), "vision": seen, "grounding": grounded, "sft": sft_folder, "final": final}))
+    timing = {"minutes": round(minutes, 1), "vision": seen, "grounding": grounded, "sft": sft_folder, "final": final}
+    (out / "timing.json").write_text(json.dumps(timing))
     if args.ship:
         shutil.rmtree(SHIPPED, ignore_errors=True)
         shutil.copytree(final, SHIPPED, ignore=shutil.ignore_patterns("*.py", "__pycache__"))

@@ -21,8 +21,8 @@ import torch
 
 from .remote_code.processing_vilavt import TURN_END, open_image
 from .remote_code.protocol_vilavt import render_tool_call
+from .train.common import set_trainable
 from .trajectories import IGNORE_INDEX
-from .vision_pretraining import vision_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +37,21 @@ class GroundingExample:
 
 def grounding_examples(rows: list[dict], processor, image_root) -> list[GroundingExample]:
     """One example per one-image trajectory whose first turn is a tool call (`single`, `nested`)."""
-    tokenizer = processor.tokenizer
-    ids_of = tokenizer.convert_tokens_to_ids
-    merge = processor.image_processor.merge_size
+    vision_end = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
     examples = []
     for row in rows:
         first = (row.get("turns") or [{}])[0]
         if len(row["images"]) != 1 or "regions" not in first:
             continue
-        (shown,) = processor.fit_originals([open_image(Path(image_root) / row["images"][0])], row.get("max_pixels"))
-        encoded = processor.image_processor(images=[shown], size=processor.size_keeping([shown]), return_tensors="pt")
-        grid = encoded["image_grid_thw"][0].tolist()
-        image = [ids_of("<|vision_start|>"), *[ids_of("<|image_pad|>")] * (math.prod(grid) // merge**2), ids_of("<|vision_end|>")]
-        turn = render_tool_call([(r["index"], r["bbox_2d"]) for r in first["regions"]], first["query"], first["thought"])
-        written = tokenizer.encode(turn + TURN_END, add_special_tokens=False)
-        examples.append(GroundingExample(encoded["pixel_values"], grid, image + written, [IGNORE_INDEX] * len(image) + written))
+        shown = processor.fit_originals([open_image(Path(image_root) / row["images"][0])], row.get("max_pixels"))
+        regions = [(r["index"], r["bbox_2d"]) for r in first["regions"]]
+        text = f"<|vision_start|>{processor.image_token}<|vision_end|>"
+        text += render_tool_call(regions, first["query"], first["thought"]) + TURN_END
+        encoded = processor(text=[text], images=shown, return_tensors="pt")
+        ids = encoded["input_ids"][0].tolist()
+        image_span = ids.index(vision_end) + 1
+        labels = [IGNORE_INDEX] * image_span + ids[image_span:]
+        examples.append(GroundingExample(encoded["pixel_values"], encoded["image_grid_thw"][0].tolist(), ids, labels))
     return examples
 
 
@@ -92,11 +92,9 @@ def warm_up_grounding(
     held-out turn accuracy."""
     held_out = max(1, len(examples) // 10)
     train, test = examples[:-held_out], examples[-held_out:]
-    frozen = {id(p) for p in vision_parameters(model)}
-    params = [p for p in model.parameters() if id(p) not in frozen]
     states = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
+    set_trainable(model, {"llm": True})
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 75)
     schedule = torch.optim.lr_scheduler.LambdaLR(
