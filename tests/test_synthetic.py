@@ -14,7 +14,7 @@ from vilavt.remote_code.processing_vilavt import displayed_size
 from vilavt.remote_code.protocol_vilavt import Region
 from vilavt.remote_code.regions_vilavt import ImageLedger
 from vilavt.synthetic import KINDS, make_task, write_tasks
-from vilavt.trajectories import build_episode
+from vilavt.trajectories import build_episode, load_trajectories
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_bars_are_unreadable_at_the_first_look_and_readable_after_the_gold_zooms
 def test_written_tasks_are_a_trajectory_file_and_a_benchmark_file(demo, tmp_path):
     _, processor = demo
     path = write_tasks(tmp_path, 6, 100, list(KINDS), processor)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = load_trajectories(path)
     assert [r["kind"] for r in rows] == list(KINDS) * 2
     assert all((tmp_path / name).exists() for r in rows for name in r["images"])
     from vilavt.benchmarks import load_benchmark
@@ -103,7 +103,7 @@ def test_task_views_are_what_the_model_sees(demo, tmp_path):
 
     model, processor = demo
     path = write_tasks(tmp_path, 4, 300, list(KINDS + CURRICULUM), processor)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = load_trajectories(path)
     views = [task_views(row, processor, tmp_path) for row in rows]
     # single: original + crop; multi: 2 originals + 2 crops; nested: original + crop + crop of the crop; direct: original
     assert [len(v) for v in views] == [2, 4, 3, 1]
@@ -128,7 +128,7 @@ def test_vision_pretraining_learns_where_the_bar_is_and_which_way_it_points(tmp_
     torch.manual_seed(0)
     model, processor = tiny_vilavt(seed=1, preset="demo")
     path = write_tasks(tmp_path, 200, 400, ["single", "multi"], processor)
-    views = [v for line in path.read_text().splitlines() for v in task_views(json.loads(line), processor, tmp_path)]
+    views = [v for row in load_trajectories(path) for v in task_views(row, processor, tmp_path)]
     before = [p.detach().clone() for p in vision_parameters(model)]
     result = pretrain_vision(model, processor, views, steps=250, batch_size=16)  # held out: the last 60 views
     assert result["target"] >= 0.8  # chance: about 1 in 12 tokens
@@ -143,7 +143,7 @@ def test_grounding_examples_are_the_start_of_the_replayed_trajectory(demo, tmp_p
 
     model, processor = demo
     path = write_tasks(tmp_path, 4, 500, ["single", "multi", "nested", "direct"], processor)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = load_trajectories(path)
     examples = grounding_examples(rows, processor, tmp_path)
     assert len(examples) == 2  # multi has two images, direct answers at once
     tokenizer = processor.tokenizer
@@ -166,7 +166,7 @@ def test_grounding_warm_up_trains_the_llm_only(tmp_path):
     torch.manual_seed(0)
     model, processor = tiny_vilavt(seed=2, preset="demo")
     path = write_tasks(tmp_path, 16, 600, ["single"], processor)
-    examples = grounding_examples([json.loads(line) for line in path.read_text().splitlines()], processor, tmp_path)
+    examples = grounding_examples(load_trajectories(path), processor, tmp_path)
     vision = [p.detach().clone() for p in vision_parameters(model)]
     head = model.lm_head.weight.detach().clone()
     flags = [p.requires_grad for p in model.parameters()]
