@@ -227,6 +227,29 @@ def test_grpo_scoring_matches_the_rollout_at_step_0(grpo_run):
     assert first["vilavt/rollout_logprob_gap"] < 1e-4
 
 
+def test_grpo_updates_move_log_probs_with_the_advantage(grpo_run):
+    """The policy-gradient's direction: after training, the rewarded completions of the first batch gained
+    log-probability relative to the unrewarded ones of their group (catches advantages or rollouts
+    misaligned with the completions they are applied to)."""
+    trainer, batches = grpo_run
+    batch = batches[0]  # its rollout log-probs are the pre-update policy's (the step-0 gap test)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    trained = batch["completion_mask"] * batch["tool_mask"]
+    trainer._active_vision = batch["vilavt_vision"]
+    try:
+        with torch.no_grad():
+            after, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, batch["completion_ids"].size(1)
+            )
+    finally:
+        trainer._active_vision = None
+    gained = ((after - batch["vilavt_rollout_logps"]) * trained).sum(dim=1)
+    advantages = batch["advantages"]
+    assert (advantages > 0).any() and (advantages < 0).any()
+    assert gained[advantages > 0].min() > gained[advantages < 0].max()
+
+
 def test_grpo_checkpoint_reloads(grpo_run, tmp_path):
     from vilavt.train.common import save_checkpoint
 
