@@ -229,8 +229,8 @@ def test_grpo_scoring_matches_the_rollout_at_step_0(grpo_run):
 
 def test_grpo_updates_move_log_probs_with_the_advantage(grpo_run):
     """The policy-gradient's direction: after training, the rewarded completions of the first batch gained
-    log-probability relative to the unrewarded ones of their group (catches advantages or rollouts
-    misaligned with the completions they are applied to)."""
+    log-probability than every unrewarded one of the batch (catches advantages or rollouts misaligned with
+    the completions they are applied to)."""
     trainer, batches = grpo_run
     batch = batches[0]  # its rollout log-probs are the pre-update policy's (the step-0 gap test)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
