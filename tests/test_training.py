@@ -236,14 +236,10 @@ def test_grpo_updates_move_log_probs_with_the_advantage(grpo_run):
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     trained = batch["completion_mask"] * batch["tool_mask"]
-    trainer._active_vision = batch["vilavt_vision"]
-    try:
-        with torch.no_grad():
-            after, _, _ = trainer._get_per_token_logps_and_entropies(
-                trainer.model, ids, mask, batch["completion_ids"].size(1)
-            )
-    finally:
-        trainer._active_vision = None
+    with trainer.scoring_vision(batch), torch.no_grad():
+        after, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, batch["completion_ids"].size(1)
+        )
     gained = ((after - batch["vilavt_rollout_logps"]) * trained).sum(dim=1)
     advantages = batch["advantages"]
     assert (advantages > 0).any() and (advantages < 0).any()

@@ -10,6 +10,7 @@ Dataset rows: `prompt` (the question), `image_paths` (original images), `answer`
 image processing of its own.
 """
 
+import contextlib
 import copy
 import logging
 import os
@@ -175,12 +176,18 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
 
     # ---- scoring -------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._active_vision = inputs["vilavt_vision"]
+    @contextlib.contextmanager
+    def scoring_vision(self, batch: dict):
+        """Within it, scoring passes (`_get_per_token_logps_and_entropies`) see `batch`'s rollout vision inputs."""
+        self._active_vision = batch["vilavt_vision"]
         try:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            yield
         finally:
             self._active_vision = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.scoring_vision(inputs):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._last_logps is not None and "vilavt_rollout_logps" in inputs:
             mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).bool()
             gap = (self._last_logps - inputs["vilavt_rollout_logps"]).abs()[mask]
