@@ -2,6 +2,7 @@
 pretraining -> grounding warm-up -> SFT -> GRPO.
 
     python examples/train_tiny.py [--out outputs/tiny-zoom] [--ship] [--sft-seed N]
+        [--sft-trajectories N] [--grpo-steps N] [--grpo-lr LR] [--grpo-generations N] [--rl-tasks N]
 
 Every stage uses the project's own pieces: `vilavt.synthetic` (tasks and gold trajectories),
 `vilavt.vision_pretraining` (stage 0: the tiny vision tower learns to see on the views of the gold
@@ -75,6 +76,10 @@ def main():
     parser.add_argument("--rl-tasks", type=int, default=400)
     parser.add_argument("--vision-tasks", type=int, default=1200, help="tasks whose views pretrain the vision tower")
     parser.add_argument("--sft-seed", type=int, default=SFT["seed"], help="SFT's data order (a robustness check)")
+    parser.add_argument("--sft-trajectories", type=int, default=None, help="SFT on the first N only (default: all)")
+    parser.add_argument("--grpo-steps", type=int, default=GRPO["max_steps"])
+    parser.add_argument("--grpo-lr", type=float, default=GRPO["learning_rate"])
+    parser.add_argument("--grpo-generations", type=int, default=GRPO["num_generations"], help="rollouts per prompt")
     parser.add_argument("--ship", action="store_true", help="copy the result to src/vilavt/assets/tiny-zoom")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -85,15 +90,19 @@ def main():
     model, processor = tiny_vilavt(seed=0, preset="demo")
 
     data = out / "data"
-    sft_data = write_tasks(data, args.train_tasks, 0, [*KINDS, *CURRICULUM], processor, workers=2)
+    tasks = write_tasks(data, args.train_tasks, 0, [*KINDS, *CURRICULUM], processor, workers=2)
+    sft_data = tasks
+    if args.sft_trajectories is not None:  # SFT replays only the first N gold trajectories; the warm-up sees all
+        sft_data = data / "sft.jsonl"
+        sft_data.write_text("".join(tasks.read_text().splitlines(keepends=True)[: args.sft_trajectories]))
     rl_data = write_tasks(data, args.rl_tasks, 5_000_000, GRPO_KINDS, processor, split="rl", workers=2)
     logging.info("data ready after %.0f s", time.time() - started)
 
-    rows = load_trajectories(sft_data)[: args.vision_tasks]
+    rows = load_trajectories(tasks)[: args.vision_tasks]
     views = [view for row in rows for view in task_views(row, processor, data)]
     seen = pretrain_vision(model, processor, views, **VISION)
     logging.info("vision pretraining done after %.0f s: held-out %s", time.time() - started, seen)
-    examples = grounding_examples(load_trajectories(sft_data), processor, data)
+    examples = grounding_examples(load_trajectories(tasks), processor, data)
     grounded = warm_up_grounding(model, processor, examples, **GROUNDING)
     logging.info("grounding warm-up done after %.0f s: held-out %s", time.time() - started, grounded)
 
@@ -108,7 +117,8 @@ def main():
     logging.info("SFT done after %.0f s", time.time() - started)
 
     grpo = build_grpo_trainer(
-        {**GRPO, "train_file": str(rl_data), "image_root": str(data), "output_dir": str(out / "grpo"), "max_rounds": 3,
+        {**GRPO, "max_steps": args.grpo_steps, "learning_rate": args.grpo_lr, "num_generations": args.grpo_generations,
+         "train_file": str(rl_data), "image_root": str(data), "output_dir": str(out / "grpo"), "max_rounds": 3,
          "train": {**VISION_PARTS, "text_proj": False}},
         model=sft.model,
         processor=processor,
