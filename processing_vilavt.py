@@ -16,7 +16,6 @@ Message shapes the template understands:
 Image items may carry `width`/`height` (displayed size); `apply_chat_template` fills them in.
 """
 
-import copy
 import os
 import warnings
 from io import BytesIO
@@ -288,12 +287,20 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
 
     # ---- images -------------------------------------------------------------------------------
 
-    def fit_originals(self, images: list, max_pixels: int | None = None) -> list[Image.Image]:
+    def fit_originals(self, images: list, max_pixels: int | None = None, fitted: dict | None = None) -> list:
         """Load the original images of one conversation and resize them to their displayed size; they
-        share the pixel budget (each gets `max_pixels / N`, REFERENCE.md §2.6)."""
-        images = [open_image(image) for image in images]
+        share the pixel budget (each gets `max_pixels / N`, REFERENCE.md §2.6). `fitted` memoises the
+        results per source and budget across the conversations of a batch (GRPO repeats each prompt)."""
         budget, smallest = self.original_budget(len(images), max_pixels)
-        return [fit_image(image, budget, smallest, self.patch_factor) for image in images]
+        fitted = {} if fitted is None else fitted
+        results = []
+        for image in images:
+            source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
+            key = (source, budget, smallest)
+            if key not in fitted:
+                fitted[key] = fit_image(open_image(image), budget, smallest, self.patch_factor)
+            results.append(fitted[key])
+        return results
 
     def original_budget(self, count: int, max_pixels: int | None = None) -> tuple[int, int]:
         """(max, min) pixel area of each of `count` original images. An explicit `max_pixels` below
@@ -378,13 +385,19 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         return outputs
 
     def prepare_conversation(
-        self, conversation: list[dict], images: list | None = None, max_pixels: int | None = None
+        self, conversation: list[dict], images: list | None = None, max_pixels: int | None = None, fitted=None
     ) -> list[dict]:
         """A copy of `conversation` whose image items hold displayed-size images and their `width` /
         `height`, as the template needs. Originals (user turns) share the pixel budget; tool-turn
         images (crops) keep their size. `images` fills image items that carry no image of their own
-        (TRL-style placeholders), in order. `max_pixels` overrides the originals' shared budget."""
-        conversation = copy.deepcopy(conversation)
+        (TRL-style placeholders), in order. `max_pixels` overrides the originals' shared budget;
+        `fitted` is `fit_originals`' memo."""
+        # Messages and content items are copied (the items are rewritten below), images are not.
+        conversation = [
+            {**message, "content": [dict(item) if isinstance(item, dict) else item for item in message["content"]]}
+            if isinstance(message.get("content"), list) else dict(message)
+            for message in conversation
+        ]  # fmt: skip
         pending = list(images or [])
         items_by_role = {"user": [], "tool": []}
         for message in conversation:
@@ -401,7 +414,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
                 found = pending.pop(0)
             return found
 
-        originals = self.fit_originals([source(item) for item in items_by_role["user"]], max_pixels)
+        originals = self.fit_originals([source(item) for item in items_by_role["user"]], max_pixels, fitted)
         crops = [
             fit_image(open_image(source(item)), self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
             for item in items_by_role["tool"]
@@ -418,7 +431,8 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         originals' budget)."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         if batched:
-            conversation = [self.prepare_conversation(c, max_pixels=max_pixels) for c in conversation]
+            fitted = {}
+            conversation = [self.prepare_conversation(c, max_pixels=max_pixels, fitted=fitted) for c in conversation]
         else:
             conversation = self.prepare_conversation(conversation, images, max_pixels)
         kwargs.setdefault("prompt_style", self.prompt_style)

@@ -50,6 +50,27 @@ def test_originals_share_the_pixel_budget(tiny):
     assert sum(im.width * im.height for im in four) <= processor.max_pixels
 
 
+def test_a_batch_repeating_an_image_renders_like_one_conversation_and_keeps_the_callers(tiny, tmp_path):
+    """Batched rendering memoises each original's resize (a GRPO batch repeats prompts): every conversation
+    still renders and tokenises as it does alone, and the caller's messages are left as they were."""
+    _, processor = tiny
+    image, other = red((900, 600)), red((500, 700))
+    other.save(tmp_path / "other.png")
+    one, two = conversation(image, str(tmp_path / "other.png")), conversation(image)
+    before = repr(one) + repr(two)
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    alone = [processor.apply_chat_template(c, **kwargs) for c in (one, two)]
+    batch = processor.apply_chat_template([one, two, one], **kwargs, processor_kwargs={"padding": True})
+    assert repr(one) + repr(two) == before and one[0]["content"][0]["image"] is image
+    rows = batch["attention_mask"].bool()
+    for row, expected in enumerate([alone[0], alone[1], alone[0]]):
+        assert batch["input_ids"][row][rows[row]].tolist() == expected["input_ids"][0].tolist()
+    grids = [*alone[0]["image_grid_thw"], *alone[1]["image_grid_thw"], *alone[0]["image_grid_thw"]]
+    assert batch["image_grid_thw"].tolist() == torch.stack(grids).tolist()
+    patches = torch.cat([alone[0]["pixel_values"], alone[1]["pixel_values"], alone[0]["pixel_values"]])
+    assert torch.equal(batch["pixel_values"], patches)
+
+
 def test_explicit_system_message_replaces_the_default(tiny):
     _, processor = tiny
     messages = [{"role": "system", "content": "Be brief."}, *conversation(red())]

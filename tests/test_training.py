@@ -246,6 +246,51 @@ def test_grpo_updates_move_log_probs_with_the_advantage(grpo_run):
     assert gained[advantages > 0].min() > gained[advantages < 0].max()
 
 
+def padded(batch: dict, left: int, right: int) -> dict:
+    """`batch` with `left` more padding columns before the prompts and `right` more after the completions."""
+    width = batch["completion_ids"].size(1)
+    out = dict(batch)
+    for key in ("prompt_ids", "prompt_mask"):
+        out[key] = torch.nn.functional.pad(batch[key], (left, 0))
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() == 2 and value.size(1) == width:
+            out[key] = torch.nn.functional.pad(value, (0, right), value=int(key == "tool_mask"))
+    return out
+
+
+def test_grpo_skipping_zero_advantage_rows_leaves_the_update_unchanged(grpo_run, monkeypatch):
+    """With beta = 0 and the dapo loss, a completion with advantage 0 adds nothing to the loss: the loss pass
+    without it and without the padding columns no kept row needs gives the full batch's loss and gradients."""
+    trainer, batches = grpo_run
+    batch = padded(batches[0], left=3, right=5)
+    batch["advantages"] = batch["advantages"].clone()
+    batch["advantages"][1] = 0.0
+    widths = []
+    score = trainer._get_per_token_logps_and_entropies
+
+    def spy(model, input_ids, *args, **kwargs):
+        widths.append(tuple(input_ids.shape))
+        return score(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    results = []
+    for skip in (False, True):
+        trainer.skip_zero_advantage = skip
+        trainer.model.zero_grad()
+        loss = type(trainer).compute_loss(trainer, trainer.model, batch)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    trainer.model.zero_grad()
+    (full_loss, full_grads), (skipped_loss, skipped_grads) = results
+    original = batches[0]["prompt_ids"].size(1) + batches[0]["completion_ids"].size(1)
+    assert widths == [(2, original + 8), (1, original)]
+    assert full_loss.abs() > 0 and torch.allclose(full_loss, skipped_loss, atol=1e-6)
+    assert full_grads.keys() == skipped_grads.keys() and any(g.abs().sum() > 0 for g in full_grads.values())
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(skipped_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_grpo_checkpoint_reloads(grpo_run, tmp_path):
     from vilavt.train.common import save_checkpoint
 

@@ -12,6 +12,7 @@ image processing of its own.
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 from pathlib import Path
@@ -71,6 +72,8 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         rollout_kwargs: passed to `generate` (e.g. `max_rounds`, `max_regions`, `max_turn_tokens`).
         logits_processor_factory: `rows -> LogitsProcessorList` for the rollouts of a batch (e.g. a scripted
             policy in tests); rows are the dataset rows, in batch order.
+        skip_zero_advantage: drop the completions whose advantage is 0 before the loss pass, when that leaves
+            the update unchanged (see `informative_rows`; default True).
 
     Logged metrics besides TRL's: `vilavt/rounds_per_episode`, `vilavt/crops_per_episode`,
     `vilavt/answered` (share of episodes that ended with an answer), `vilavt/format_rate` and `vilavt/accuracy`
@@ -79,8 +82,12 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
     the first update of a generation batch, then the policy's drift).
     """
 
-    def __init__(self, *args, image_root=None, rollout_kwargs=None, logits_processor_factory=None, **kwargs):
+    def __init__(
+        self, *args, image_root=None, rollout_kwargs=None, logits_processor_factory=None, skip_zero_advantage=True,
+        **kwargs,
+    ):  # fmt: skip
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        self.skip_zero_advantage = skip_zero_advantage
         self._image_root = Path(image_root) if image_root else None
         self._rollout_kwargs = dict(rollout_kwargs or {})
         self._logits_processor_factory = logits_processor_factory
@@ -99,7 +106,8 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         if rows is None or len(rows) != len(prompts):
             raise RuntimeError("ViLaVT rollouts need the batch rows (set by _generate_and_score_completions)")
         processor = self.processing_class
-        originals = [[open_image(self._path(p)) for p in row["image_paths"]] for row in rows]
+        load = functools.cache(lambda path: open_image(self._path(path)))  # a prompt's rollouts share its images
+        originals = [[load(p) for p in row["image_paths"]] for row in rows]
         conversations = [
             [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": str(q)}]}]
             for images, q in zip(originals, prompts)
@@ -185,7 +193,46 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         finally:
             self._active_vision = None
 
+    def informative_rows(self, inputs: dict) -> dict:
+        """`inputs` without the completions whose advantage is 0, when dropping them leaves the update unchanged.
+
+        With no KL term (beta = 0) and a loss normalised by the generation batch's token count (`dapo`,
+        `cispo`: `num_items_in_batch` is computed before this), such a completion adds exactly 0 to the loss
+        and to every gradient. GRPO groups whose rollouts all got the same reward are made of them (most groups
+        once the policy is good), so skipping their scoring forward and backward — and the padding columns only
+        they needed — is free speed. One row is kept when none is informative, so that the step still runs a
+        backward. The logged entropy and clip ratios are then over the kept rows.
+        """
+        advantages = inputs["advantages"]
+        batch = advantages.size(0)
+        keep = advantages.reshape(batch, -1).ne(0).any(dim=1)
+        exact = self.beta == 0.0 and self.loss_type in ("dapo", "cispo") and self.top_entropy_quantile == 1.0
+        if not (self.skip_zero_advantage and exact) or keep.all():
+            return inputs
+        if not keep.any():
+            keep[0] = True
+        rows = keep.nonzero().squeeze(1)
+        completion_width = inputs["completion_ids"].size(1)
+        first, last = 0, completion_width
+        if self.pad_to_multiple_of is None:  # prompts are left-padded, completions right-padded
+            first = int(inputs["prompt_mask"][rows].any(dim=0).nonzero()[0])
+            real = inputs["completion_mask"][rows].any(dim=0).nonzero()
+            last = int(real[-1]) + 1 if len(real) else completion_width
+        kept = {}
+        for key, value in inputs.items():
+            if isinstance(value, list) and len(value) == batch:
+                value = [value[i] for i in rows.tolist()]
+            elif torch.is_tensor(value) and value.dim() > 0 and value.size(0) == batch:
+                value = value[rows]
+                if key in ("prompt_ids", "prompt_mask"):
+                    value = value[:, first:]
+                elif value.dim() == 2 and value.size(1) == completion_width:
+                    value = value[:, :last]
+            kept[key] = value
+        return kept
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.informative_rows(inputs)
         with self.scoring_vision(inputs):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._last_logps is not None and "vilavt_rollout_logps" in inputs:
