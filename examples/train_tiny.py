@@ -102,11 +102,11 @@ def main():
     rl_data = write_tasks(data, args.rl_tasks, 5_000_000, GRPO_KINDS, processor, split="rl", workers=2)
     logging.info("data ready after %.0f s", time.time() - started)
 
-    rows = load_trajectories(tasks)[: args.vision_tasks]
-    views = [view for row in rows for view in task_views(row, processor, data)]
+    trajectories = load_trajectories(tasks)
+    views = [view for row in trajectories[: args.vision_tasks] for view in task_views(row, processor, data)]
     seen = pretrain_vision(model, processor, views, **VISION)
     logging.info("vision pretraining done after %.0f s: held-out %s", time.time() - started, seen)
-    examples = grounding_examples(load_trajectories(tasks), processor, data)
+    examples = grounding_examples(trajectories, processor, data)
     grounded = warm_up_grounding(model, processor, examples, **GROUNDING)
     logging.info("grounding warm-up done after %.0f s: held-out %s", time.time() - started, grounded)
 
