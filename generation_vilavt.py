@@ -21,7 +21,8 @@ from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .processing_vilavt import TURN_END, open_image
+from .images_vilavt import open_image
+from .processing_vilavt import TURN_END
 from .protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_step, tool_message
 from .regions_vilavt import ImageLedger, RegionError
 

@@ -17,19 +17,22 @@ Image items may carry `width`/`height` (displayed size); `apply_chat_template` f
 """
 
 import os
-import warnings
-from io import BytesIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.processing_utils import ProcessorMixin
 
-# Pixel budgets (REFERENCE.md §2.6): originals share `max_pixels`; each crop may use `crop_max_pixels`.
-DEFAULT_MAX_PIXELS = 8192 * 28 * 28
-DEFAULT_MIN_PIXELS = 4 * 28 * 28
+from .images_vilavt import (  # noqa: F401  (re-exported: part of the processor module's public API)
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    ImageLoadError,
+    displayed_size,
+    fit_image,
+    open_image,
+)
+
 DEFAULT_MAX_QUERY_LENGTH = 50
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -157,54 +160,6 @@ These are {{ first.count }} images with indexed from 0 to {{ first.count - 1 }}.
 {%- if add_generation_prompt -%}
 <|im_start|>assistant
 {% endif -%}"""
-
-
-class ImageLoadError(ValueError):
-    """An image file could not be used; the message names the file and the reason."""
-
-
-def open_image(source, *, convert: bool = True) -> Image.Image:
-    """Open a path, bytes or PIL image as an upright (EXIF-transposed) RGB image.
-
-    Missing, unreadable or corrupt files and images past PIL's decompression-bomb limit raise
-    `ImageLoadError` naming the file.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(BytesIO(source) if isinstance(source, (bytes, bytearray)) else name)
-                image.load()
-        except FileNotFoundError:
-            raise ImageLoadError(f"{name}: image file not found") from None
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ImageLoadError(
-                f"{name}: image is past PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS = "
-                f"{Image.MAX_IMAGE_PIXELS}): {err}. Raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file."
-            ) from None
-        except UnidentifiedImageError:
-            raise ImageLoadError(f"{name}: not a readable image (unknown or corrupt format)") from None
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ImageLoadError(f"{name}: cannot read image ({err})") from None
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB") if convert and image.mode != "RGB" else image
-
-
-def displayed_size(width: int, height: int, max_pixels: int, min_pixels: int = DEFAULT_MIN_PIXELS, factor: int = 28):
-    """(width, height) an image is shown at: sides multiples of `factor`, area within [min_pixels, max_pixels]."""
-    height, width = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return width, height
-
-
-def fit_image(image: Image.Image, max_pixels: int, min_pixels: int = DEFAULT_MIN_PIXELS, factor: int = 28):
-    """Resize to the displayed size, aspect kept (qwen-vl-utils `fetch_image`; BICUBIC like PIL's default)."""
-    width, height = displayed_size(image.width, image.height, max_pixels, min_pixels, factor)
-    if (width, height) == image.size:
-        return image
-    return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def _flat_images(images) -> list[Image.Image]:

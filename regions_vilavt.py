@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .processing_vilavt import DEFAULT_MIN_PIXELS, fit_image
+from .images_vilavt import DEFAULT_MIN_PIXELS, fit_image
 from .protocol_vilavt import Region
 
 
