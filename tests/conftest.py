@@ -79,3 +79,20 @@ def replay_live(model, processor, row: dict, image_root: Path):
         logits_processor=LogitsProcessorList([ScriptedPolicy(processor.tokenizer, [turns])]),
     )  # fmt: skip
     return episode, output
+
+
+# ---- the vLLM backend's tests (tests/test_vllm*.py) run only in the vLLM environment -----------------
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--vllm", action="store_true", help="run the vLLM backend tests (tests/test_vllm*.py; needs scripts/vllm-env)"
+    )
+
+
+def pytest_ignore_collect(collection_path, config):
+    # Not collected at all without --vllm (they need vLLM, which the main environment does not have), so they
+    # can never pass as skipped; .ci/run runs them with --vllm in the vLLM environment.
+    if collection_path.name.startswith("test_vllm") and not config.getoption("--vllm"):
+        return True
+    return None

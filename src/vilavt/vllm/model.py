@@ -48,6 +48,8 @@ class ViLaVTForConditionalGenerationVLLM(Qwen2_5_VLForConditionalGeneration):
     # vLLM's sharded / LoRA / CUDA-graph paths for the stock tower do not apply to the plug-in's tower.
     supports_encoder_tp_data = False
     supports_tower_connector_lora = False
+    # The processor normalises pixels (the plug-in's tower has no on-device input normalisation).
+    supports_mm_device_do_normalize = False
 
     # The plug-in model's query side, the same functions: `get_image_features` runs `text_encoder` and
     # `text_proj` on the queries and `visual` on the pixels with the image -> query mapping.

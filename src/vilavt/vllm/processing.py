@@ -122,6 +122,42 @@ def _group_key(query: str, pixels: list[torch.Tensor], grids: list[list[int]]) -
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).clone()
 
 
+def add_query_fields(processor, outputs, queries=None, joints=None, indices=None):
+    """Add to the image processor's `outputs` (pixel_values, image_grid_thw of N images) what the vLLM
+    model reads per image: `query_ids` / `query_attention_mask` [N, T], the call's other images
+    (`joint_pixel_values`, `joint_grid_thw`: one entry per image), `joint_index` [N] and `joint_key` [N, 2]."""
+    count = len(outputs["image_grid_thw"])
+    queries = queries or [""] * count
+    joints = joints or [None] * count
+    indices = indices or [0] * count
+    encoding, _ = processor.tokenize_queries(queries)
+    grids = outputs["image_grid_thw"].tolist()
+    own = outputs["pixel_values"].split([t * h * w for t, h, w in grids])
+    joint_pixels, joint_grids, keys = [], [], []
+    for i in range(count):
+        others = [im for j, im in enumerate(joints[i] or []) if j != indices[i]]
+        if others:
+            extra = processor.image_processor(images=others, size=processor.size_keeping(others), return_tensors="pt")
+            pixels, other_grids = extra["pixel_values"].to(own[i].dtype), extra["image_grid_thw"]
+        else:
+            pixels, other_grids = own[i].new_zeros(0, own[i].shape[1]), torch.zeros(0, 3, dtype=torch.long)
+        joint_pixels.append(pixels)
+        joint_grids.append(other_grids)
+        members = list(pixels.split([t * h * w for t, h, w in other_grids.tolist()]))
+        member_grids = other_grids.tolist()
+        members.insert(indices[i], own[i])
+        member_grids.insert(indices[i], grids[i])
+        keys.append(_group_key(queries[i], members, member_grids))
+    outputs.pop("image_to_query_mapping", None)
+    outputs["query_ids"] = encoding["query_ids"]
+    outputs["query_attention_mask"] = encoding["query_attention_mask"]
+    outputs["joint_pixel_values"] = joint_pixels
+    outputs["joint_grid_thw"] = joint_grids
+    outputs["joint_index"] = torch.tensor(indices, dtype=torch.long)
+    outputs["joint_key"] = torch.stack(keys)
+    return outputs
+
+
 class ViLaVTMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     """Qwen2.5-VL's processor plus, per image, its query tokens and its call's other images."""
 
@@ -132,40 +168,10 @@ class ViLaVTMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         outputs = super()._call_hf_processor(hf_data, hf_kwargs)
         if "image_grid_thw" not in outputs:
             return outputs
-        count = len(outputs["image_grid_thw"])
-        queries = extra["vilavt_queries"] or [""] * count
-        joints = extra["vilavt_joint"] or [None] * count
-        indices = extra["vilavt_joint_index"] or [0] * count
         processor = self.info.get_hf_processor(**hf_kwargs)
-        encoding, _ = processor.tokenize_queries(queries)
-        grids = outputs["image_grid_thw"].tolist()
-        own = outputs["pixel_values"].split([t * h * w for t, h, w in grids])
-        joint_pixels, joint_grids, keys = [], [], []
-        for i in range(count):
-            others = [im for j, im in enumerate(joints[i] or []) if j != indices[i]]
-            if others:
-                extra_outputs = processor.image_processor(
-                    images=others, size=processor.size_keeping(others), return_tensors="pt"
-                )
-                pixels, other_grids = extra_outputs["pixel_values"], extra_outputs["image_grid_thw"]
-            else:
-                pixels = own[i].new_zeros(0, own[i].shape[1])
-                other_grids = torch.zeros(0, 3, dtype=torch.long)
-            joint_pixels.append(pixels.to(own[i].dtype))
-            joint_grids.append(other_grids)
-            members = list(pixels.split([t * h * w for t, h, w in other_grids.tolist()]))
-            member_grids = other_grids.tolist()
-            members.insert(indices[i], own[i])
-            member_grids.insert(indices[i], grids[i])
-            keys.append(_group_key(queries[i], members, member_grids))
-        outputs.pop("image_to_query_mapping", None)
-        outputs["query_ids"] = encoding["query_ids"]
-        outputs["query_attention_mask"] = encoding["query_attention_mask"]
-        outputs["joint_pixel_values"] = joint_pixels
-        outputs["joint_grid_thw"] = joint_grids
-        outputs["joint_index"] = torch.tensor(indices, dtype=torch.long)
-        outputs["joint_key"] = torch.stack(keys)
-        return outputs
+        return add_query_fields(
+            processor, outputs, extra["vilavt_queries"], extra["vilavt_joint"], extra["vilavt_joint_index"]
+        )
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
         return dict(
@@ -192,5 +198,6 @@ __all__ = [
     "ViLaVTProcessingInfo",
     "ViLaVTMultiModalProcessor",
     "normalise_item",
+    "add_query_fields",
     "authors_hashing_kwargs",
 ]
