@@ -54,7 +54,7 @@ SCENARIOS = {
         [
             (FREE, tool_call_text([(0, [100, 100, 400, 400])], "zoom")),
             (FREE, tool_call_text([(1, [10, 10, 90, 90])], "zoom further")),
-            (FREE, tool_call_text([(2, [20, 20, 100, 100])], "read the small text")),
+            (FREE, tool_call_text([(2, [10, 10, 50, 50])], "read the small text")),
             (FREE, answer_text("rising")),
         ],
     ),
