@@ -708,6 +708,8 @@ def eval_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=None, help="pixel budget the original images share")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: the chatting loop on a vLLM engine (vilavt.vllm)")
     return parser
 
 
@@ -723,9 +725,9 @@ def eval_main(argv: list[str]) -> int:
             print(json.dumps(dry_run(args.benchmark, args.image_root)))
             return 0
         load_benchmark(args.benchmark)  # a broken file fails before the model loads
-        from .train.common import load_model_and_processor
+        from .demo import load
 
-        model, processor = load_model_and_processor(args.model)
+        model, processor = load(args.model, args.backend)
         out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
         generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
         summary = run_eval(

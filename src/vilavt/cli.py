@@ -83,12 +83,13 @@ def _chat(argv: list[str]) -> int:
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped one)")
     parser.add_argument("--out", default=None, help="write the trace picture here")
     parser.add_argument("--max-rounds", type=int, default=5)
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     args = parser.parse_args(argv)
     from .demo import chat
     from .remote_code.processing_vilavt import ImageLoadError
 
     try:
-        chat(args.image, args.question, args.model, args.out, args.max_rounds)
+        chat(args.image, args.question, args.model, args.out, args.max_rounds, args.backend)
     except ImageLoadError as err:
         print(f"vilavt chat: error: {err}", file=sys.stderr)
         return 2
@@ -104,10 +105,11 @@ def _synth_eval(argv: list[str]) -> int:
     parser.add_argument("--initial-max-pixels", type=int, default=None, help="pixel budget of the original images")
     parser.add_argument("--model", default=None, help="default: the shipped checkpoint")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     args = parser.parse_args(argv)
     from .demo import load, synth_eval, synth_eval_table
 
-    model, processor = load(args.model)
+    model, processor = load(args.model, args.backend)
     summary = synth_eval(
         model, processor, args.n, args.seed, args.type.split(","), args.no_tools, args.initial_max_pixels, args.batch_size
     )
@@ -185,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
+    from .vllm import VLLMBackendError
+
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except VLLMBackendError as err:  # --backend vllm without a usable vLLM: one line naming what is missing
+        print(f"vilavt {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
     except OSError as err:  # e.g. a --model that is neither a folder nor a reachable hub id
         print(f"vilavt {argv[0]}: error: {err}", file=sys.stderr)
         return 2

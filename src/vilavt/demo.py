@@ -46,8 +46,14 @@ def shipped_checkpoint() -> Path:
     return SHIPPED
 
 
-def load(model: str | None = None):
-    """(model, processor): a checkpoint folder or hub id, `tiny[:SEED]`, or by default the shipped checkpoint."""
+def load(model: str | None = None, backend: str = "transformers"):
+    """(model, processor): a checkpoint folder or hub id, `tiny[:SEED]`, or by default the shipped checkpoint.
+    `backend="vllm"`: the model is a `vilavt.vllm.api.ViLaVTVLLM` (same `generate` / `chat`) on a vLLM engine."""
+    if backend == "vllm":
+        from .vllm.api import ViLaVTVLLM
+
+        engine = ViLaVTVLLM.load(str(model or shipped_checkpoint()))
+        return engine, engine.processor
     from .train.common import load_model_and_processor
 
     model, processor = load_model_and_processor(str(model or shipped_checkpoint()))
@@ -64,9 +70,9 @@ def print_trace(trace, file=None) -> None:
     print(f"answer: {trace.answer!r}  ({len(trace.rounds)} rounds, stop: {trace.stop_reason})", file=file)
 
 
-def chat(images, question: str, model=None, out=None, max_rounds: int = 5):
+def chat(images, question: str, model=None, out=None, max_rounds: int = 5, backend: str = "transformers"):
     """Ask a question about images; prints each round and the answer, draws the trace if `out`."""
-    model, processor = load(model)
+    model, processor = load(model, backend)
     answer, trace = model.chat(images, question, processor=processor, max_rounds=max_rounds, max_new_tokens=1024)
     print_trace(trace)
     if out:

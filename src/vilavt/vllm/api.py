@@ -21,7 +21,10 @@ from ..remote_code.generation_vilavt import ViLaVTGenerateOutput, episodes_from_
 from ..remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
 from ..remote_code.processing_vilavt import ViLaVTProcessor
 from . import check_backend
-from .loop import VLLMChatSession
+
+check_backend()  # one clear error naming what is missing, before the imports that need vLLM
+
+from .loop import VLLMChatSession  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = ViLaVTForConditionalGeneration.DEFAULT_MAX_NEW_TOKENS
 
@@ -138,6 +141,12 @@ class ViLaVTVLLM:
             self.config, processor, input_ids, attention_mask, pixel_values, image_grid_thw,
             query_ids, query_attention_mask, image_to_query_mapping, images,
         )  # fmt: skip
+        if config.bad_words_ids:  # transformers turns it into a logits processor inside generate; so do we
+            from transformers import LogitsProcessorList, NoBadWordsLogitsProcessor
+
+            logits_processor = LogitsProcessorList(
+                [*(logits_processor or []), NoBadWordsLogitsProcessor(config.bad_words_ids, config.eos_token_id)]
+            )
         copies = config.num_return_sequences or 1
         rows = [row for row in range(len(episodes)) for _ in range(copies)]
         episodes = [ep if i == 0 else ep.clone() for ep in episodes for i in range(copies)]
