@@ -53,8 +53,8 @@ SCENARIOS = {
         [(1200, 1000)],
         [
             (FREE, tool_call_text([(0, [100, 100, 400, 400])], "zoom")),
-            (FREE, tool_call_text([(1, [10, 10, 90, 90])], "zoom further")),
-            (FREE, tool_call_text([(2, [10, 10, 50, 50])], "read the small text")),
+            (FREE, tool_call_text([(1, [0, 0, 56, 56])], "zoom further")),
+            (FREE, tool_call_text([(2, [0, 0, 28, 28])], "read the small text")),
             (FREE, answer_text("rising")),
         ],
     ),
