@@ -11,13 +11,14 @@ round, each conversation is rebuilt from its token ids and all its images are en
 """
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import LogitsProcessorList, MaxTimeCriteria, StopStringCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
@@ -116,7 +117,8 @@ class ViLaVTGenerateOutput(ModelOutput):
     """`sequences`: each row's input ids as given followed by its new tokens (right-padded);
     `sampled_mask`: True where a token was sampled (False for prompt and injected tool responses);
     `traces`: one `Trace` per sequence; `episodes`: the records that rebuild each conversation's model
-    inputs (`Episode.model_inputs`); `logits`: per sequence, the raw logits of each sampled token;
+    inputs (`Episode.model_inputs`); `logits`: per sequence, the raw logits of each sampled token; `scores`: the
+    same after the logits processors;
     `logprobs`: per sequence, log p(token) of each sampled token under softmax(logits / temperature)."""
 
     sequences: torch.LongTensor | None = None
@@ -124,6 +126,7 @@ class ViLaVTGenerateOutput(ModelOutput):
     traces: list | None = None
     episodes: list | None = None
     logits: list | None = None
+    scores: list | None = None
     logprobs: list | None = None
 
 
@@ -225,6 +228,7 @@ class Episode:
         self.pending_positions: list[torch.Tensor] = []
         self.pending_features: torch.Tensor | None = None
         self.logits: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
         self.logprobs: list[float] = []
         self._turn_clock = time.perf_counter()
 
@@ -235,7 +239,8 @@ class Episode:
         twin.ledger = copy.copy(self.ledger)
         twin.ledger.entries = list(self.ledger.entries)
         twin.trace = Trace(originals=self.ledger.originals)
-        twin.pending, twin.pending_positions, twin.logits, twin.logprobs = list(self.pending), list(self.pending_positions), [], []
+        twin.pending, twin.pending_positions = list(self.pending), list(self.pending_positions)
+        twin.logits, twin.scores, twin.logprobs = [], [], []
         twin._ids_tensor = None
         return twin
 
@@ -436,6 +441,7 @@ class ChatSession:
         max_turn_tokens: int | None = None,
         incremental: bool = True,
         output_logits: bool = False,
+        output_scores: bool = False,
         output_logprobs: bool = False,
     ):
         self.model = model
@@ -451,6 +457,7 @@ class ChatSession:
         self.max_turn_tokens = max_turn_tokens
         self.incremental = incremental
         self.output_logits = output_logits
+        self.output_scores = output_scores
         self.output_logprobs = output_logprobs
         # Log-probs are those of the policy itself: softmax(logits / temperature), as a trainer scores them.
         self.temperature = float(generation_config.temperature or 1.0) if generation_config.do_sample else 1.0
@@ -459,6 +466,9 @@ class ChatSession:
         self.turn_end = eos if isinstance(eos, int) else (eos[0] if eos else None)
         self.pad_id = generation_config.pad_token_id if generation_config.pad_token_id is not None else 0
         self.device = model.device
+        self.banned_ids = torch.tensor(sorted(control_token_ids(model.config, self.tokenizer)), device=self.device)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40).
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache = None
         self.cache_rows: list[int] = []  # episode index of each cache row
         self.mask = None
@@ -466,7 +476,8 @@ class ChatSession:
     # ---- forwards -------------------------------------------------------------------------------
 
     def _forward(self, **inputs) -> torch.Tensor:
-        outputs = self.model(**inputs, past_key_values=self.cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        inputs[self.cache_argument] = self.cache
+        outputs = self.model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True)
         return outputs.logits[:, -1].float()
 
     def prefill(self, episodes: list[Episode], rows: list[int]) -> dict[int, torch.Tensor]:
@@ -568,7 +579,8 @@ class ChatSession:
         ep.pending += ids
         ep.pending_positions.append(positions)
         if self.streamer is not None:
-            self.streamer.put(token_ids[0])
+            # An image reaches the streamer as <|vision_start|><|vision_end|>: its run of placeholders is noise.
+            self.streamer.put(token_ids[0][token_ids[0] != self.model.config.image_token_id])
 
     def stop_reason(self, ep: Episode, token: int, row: int, history: torch.Tensor | None) -> str | None:
         """Why the current turn ends after `token`, if it does."""
@@ -675,7 +687,8 @@ class ChatSession:
         for ep in episodes:
             ep._turn_clock = started
         if self.streamer is not None:
-            self.streamer.put(torch.tensor(episodes[0].ids))
+            prompt = torch.tensor(episodes[0].ids)
+            self.streamer.put(prompt[prompt != self.model.config.image_token_id])
         logits = self.prefill(episodes, list(range(len(episodes))))
         do_sample = bool(self.generation_config.do_sample)
         vocab = next(iter(logits.values())).shape[-1]
@@ -686,6 +699,7 @@ class ChatSession:
             for r, row_logits in logits.items():
                 batch_logits[r] = row_logits
             scores = self.logits_processor(history, batch_logits) if len(self.logits_processor) else batch_logits
+            scores = scores.index_fill(1, self.banned_ids, float("-inf"))  # after every processor: never sampled
             if do_sample:
                 tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
@@ -700,7 +714,9 @@ class ChatSession:
                     episodes[r].logprobs.append(value)
             for r in logits:
                 if self.output_logits:
-                    episodes[r].logits.append(logits[r])
+                    episodes[r].logits.append(logits[r].clone())  # a row of a batch tensor: keep the row only
+                if self.output_scores:
+                    episodes[r].scores.append(scores[r].clone())
                 self.append(episodes[r], [tokens[r]], sampled=True)
             history = self.history(episodes) if len(self.stopping_criteria) else None
             requests, leaving = {}, set()
@@ -744,6 +760,34 @@ class ChatSession:
             trace.seconds = elapsed
             trace.text = self.tokenizer.decode(ep.ids[ep.prompt_length :], skip_special_tokens=True)
         return episodes
+
+    def output(self, prompts: torch.Tensor, episodes: list[Episode], output_logprobs: bool = False):
+        """What `generate` returns for `episodes` whose input ids were `prompts` (one row per episode)."""
+        prompts = prompts.cpu()
+        width = prompts.shape[1] + max(ep.new_tokens for ep in episodes)
+        sequences = torch.full((len(episodes), width), self.pad_id, dtype=torch.long)
+        sampled_mask = torch.zeros((len(episodes), width), dtype=torch.bool)
+        for row, ep in enumerate(episodes):
+            end = prompts.shape[1] + ep.new_tokens
+            sequences[row, : prompts.shape[1]] = prompts[row]
+            sequences[row, prompts.shape[1] : end] = torch.tensor(ep.ids[ep.prompt_length :], dtype=torch.long)
+            sampled_mask[row, prompts.shape[1] : end] = torch.tensor(ep.sampled[ep.prompt_length :], dtype=torch.bool)
+        sequences = sequences.to(self.device)
+        if not self.generation_config.return_dict_in_generate:
+            return sequences
+
+        def stacked(name):
+            return [torch.stack(getattr(ep, name)) if getattr(ep, name) else None for ep in episodes]
+
+        return ViLaVTGenerateOutput(
+            sequences=sequences,
+            sampled_mask=sampled_mask.to(self.device),
+            traces=[ep.trace for ep in episodes],
+            episodes=episodes,
+            logits=stacked("logits") if self.output_logits else None,
+            scores=stacked("scores") if self.output_scores else None,
+            logprobs=[torch.tensor(ep.logprobs) for ep in episodes] if output_logprobs else None,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -823,3 +867,229 @@ def episodes_from_inputs(
 
 
 __all__ = ["ChatSession", "Episode", "Trace", "RoundTrace", "ViLaVTGenerateOutput", "full_inputs", "episodes_from_inputs"]
+
+
+def control_token_ids(config, tokenizer) -> set[int]:
+    """Tokens the model must never sample: image / video placeholders and markers (images come only from the
+    processor and the tool) and a turn's start header (turns end with the end-of-turn token)."""
+    ids = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    for token in ("<|vision_pad|>", "<|im_start|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return {i for i in ids if i is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# `generate` and `chat` of the model
+# --------------------------------------------------------------------------------------------------
+
+# Generation settings the tool loop honours (everything a logits processor or a stopping criterion does, plus
+# the loop's own budget and outputs). Any other setting given a non-default value is an error: the loop would
+# silently ignore it. Decode without the loop (`tool_loop=False`) for beam search, assisted decoding, static
+# caches, attentions or hidden states.
+_LOOP_UNSUPPORTED = {
+    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0, "early_stopping": False,
+    "constraints": None, "force_words_ids": None, "penalty_alpha": None, "dola_layers": None, "low_memory": None,
+    "use_cache": True, "cache_implementation": None, "cache_config": None, "max_cache_len": None,
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "assistant_early_exit": None,
+    "speculation_type": None, "use_mtp": None, "token_healing": None, "guidance_scale": None,
+    "prefill_chunk_size": None, "output_attentions": False, "output_hidden_states": False,
+}  # fmt: skip
+
+
+def check_loop_arguments(generation_config, user_kwargs: dict, model_kwargs: dict, assistant_model) -> None:
+    """Raise a one-line ValueError naming every `generate` argument the tool loop would not honour."""
+    unsupported = {name for name, default in _LOOP_UNSUPPORTED.items() if getattr(generation_config, name, None) not in (None, default)}
+    unsupported |= set(model_kwargs)  # arguments that are neither generation settings nor loop inputs
+    if "max_length" in user_kwargs:  # the loop budgets new tokens (tool responses included), not total length
+        unsupported.add("max_length (use max_new_tokens)")
+    if assistant_model is not None:
+        unsupported.add("assistant_model")
+    if unsupported:
+        unsupported = sorted(unsupported)
+        raise ValueError(
+            f"the ViLaVT tool loop does not support {', '.join(unsupported)}; pass tool_loop=False to decode with "
+            "transformers' own generate (no tool calls)"
+        )
+
+
+class ViLaVTChatMixin:
+    """`generate` runs the ViLaVT tool loop (`tool_loop=False`: transformers' own `generate`); `chat` asks one
+    question about images."""
+
+    DEFAULT_MAX_NEW_TOKENS = 8192
+    QUERY_INPUTS = ("query_ids", "query_attention_mask", "image_to_query_mapping")
+    _vilavt_processor = None
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        # The query inputs reach the vision tower through the parent forward's **kwargs, which the check cannot see.
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in self.QUERY_INPUTS})
+
+    def _chat_processor(self, processor=None, required: bool = True):
+        """The processor the loop renders tool responses with: given, or the one saved with the checkpoint."""
+        from .processing_vilavt import ViLaVTProcessor
+
+        if processor is not None:
+            self._vilavt_processor = processor
+        if self._vilavt_processor is None:
+            try:
+                self._vilavt_processor = ViLaVTProcessor.from_pretrained(self.name_or_path)
+            except (OSError, ValueError, TypeError) as err:
+                if required:
+                    raise ValueError(
+                        "chat() renders tool responses with the ViLaVT processor; pass `processor=` (none could be "
+                        f"loaded from {self.name_or_path!r}: {err})"
+                    ) from err
+                logger.warning(
+                    "no ViLaVT processor could be loaded from %r (%s): generating without the tool loop; pass "
+                    "`processor=` to chat with images", self.name_or_path, err,
+                )  # fmt: skip
+        return self._vilavt_processor
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        query_ids: torch.LongTensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+        image_to_query_mapping: torch.LongTensor | None = None,
+        *,
+        images: list | None = None,
+        processor=None,
+        tool_loop: bool = True,
+        max_rounds: int = 5,
+        max_regions: int = 8,
+        max_turn_tokens: int | None = None,
+        incremental: bool = True,
+        output_logprobs: bool = False,
+        generation_config=None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        assistant_model=None,
+        mm_token_type_ids=None,
+        **kwargs,
+    ):
+        r"""Generate with the ViLaVT tool loop: decode until `</tool>` or an answer; on a tool call crop the
+        regions from the original images, encode only the new crops jointly with the call's query,
+        append the tool response to the live KV cache and resume.
+
+        Args:
+            input_ids, attention_mask, pixel_values, image_grid_thw, query_*, image_to_query_mapping:
+                the processor's outputs for a batch of conversations (`apply_chat_template(...,
+                tokenize=True, return_dict=True)`).
+            images: per row, the original images (paths or PIL) to crop from at full resolution. Without
+                them crops come from the displayed images (lower resolution; a warning is logged).
+            processor: the ViLaVT processor (default: the one saved with the checkpoint).
+            tool_loop: False decodes with transformers' own `generate` (no tool calls): beam search, assisted
+                decoding, static caches, `output_scores` + `compute_transition_scores`, ... This is also what
+                happens when no processor is given and none can be loaded.
+            max_rounds: tool calls allowed per sequence; the last tool response asks for the answer, and a
+                further call ends the episode.
+            max_regions: regions allowed in one call (more is an error the model reads).
+            max_turn_tokens: cap on sampled tokens per assistant turn.
+            incremental: False runs the reference-style loop (rebuild and re-encode everything each round).
+            output_logprobs: record log p(token) of each sampled token under softmax(logits / temperature).
+            generation_config / kwargs: as in transformers (`do_sample`, `temperature`, `top_p`,
+                `num_return_sequences`, `max_new_tokens` — the budget of all new tokens of a sequence, tool
+                responses included, default 8192 —, `stop_strings`, `max_time`, `output_logits`,
+                `output_scores`, `return_dict_in_generate`, ...). A setting the loop cannot honour (beam search,
+                `cache_implementation`, `prompt_lookup_num_tokens`, `use_cache=False`, ...) is an error.
+            logits_processor, stopping_criteria, streamer: as in transformers. The streamer receives the
+                prompt, the sampled tokens and each tool response, with every image shown as
+                `<|vision_start|><|vision_end|>` (its `<|image_pad|>` run left out); batch size 1.
+
+        Returns:
+            `ViLaVTGenerateOutput` with `sequences`, `sampled_mask`, `traces`, `episodes` (and `logits` /
+            `scores` when asked) if `return_dict_in_generate`, else the `sequences` tensor.
+        """
+        if tool_loop:
+            processor = self._chat_processor(processor, required=False)
+        if not tool_loop or processor is None:
+            inputs = dict(
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, query_ids=query_ids, query_attention_mask=query_attention_mask,
+                image_to_query_mapping=image_to_query_mapping, mm_token_type_ids=mm_token_type_ids,
+            )  # fmt: skip
+            return super().generate(
+                **{k: v for k, v in inputs.items() if v is not None},
+                generation_config=generation_config,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                streamer=streamer,
+                assistant_model=assistant_model,
+                **kwargs,
+            )
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (use the processor's apply_chat_template(..., tokenize=True))")
+        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        check_loop_arguments(generation_config, kwargs, model_kwargs, assistant_model)
+        self._prepare_special_tokens(generation_config, attention_mask is not None, device=self.device)
+        episodes = episodes_from_inputs(
+            self.config, processor, input_ids, attention_mask, pixel_values, image_grid_thw,
+            query_ids, query_attention_mask, image_to_query_mapping, images,
+        )  # fmt: skip
+        copies = generation_config.num_return_sequences or 1
+        episodes = [ep if i == 0 else ep.clone() for ep in episodes for i in range(copies)]
+        if streamer is not None and len(episodes) > 1:
+            raise ValueError("a streamer needs a batch of one sequence")
+        logits_processor = self._get_logits_processor(
+            generation_config,
+            input_ids_seq_length=input_ids.shape[1],
+            encoder_input_ids=input_ids,
+            logits_processor=logits_processor or LogitsProcessorList(),
+            device=self.device,
+            model_kwargs={},
+        )
+        # Stop strings and max_time end an episode as they end a transformers generation (the loop handles
+        # end-of-turn tokens and its token budgets itself).
+        criteria = StoppingCriteriaList()
+        if generation_config.max_time is not None:
+            criteria.append(MaxTimeCriteria(max_time=generation_config.max_time))
+        if generation_config.stop_strings is not None:
+            criteria.append(StopStringCriteria(processor.tokenizer, generation_config.stop_strings))
+        stopping_criteria = self._merge_criteria_processor_list(criteria, stopping_criteria or StoppingCriteriaList())
+        session = ChatSession(
+            self,
+            processor,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            streamer=streamer,
+            max_rounds=max_rounds,
+            max_regions=max_regions,
+            max_new_tokens=generation_config.max_new_tokens or self.DEFAULT_MAX_NEW_TOKENS,
+            max_turn_tokens=max_turn_tokens,
+            incremental=incremental,
+            output_logits=bool(generation_config.output_logits),
+            output_scores=bool(generation_config.output_scores),
+            output_logprobs=output_logprobs,
+        )
+        session.run(episodes)
+        return session.output(input_ids.repeat_interleave(copies, dim=0), episodes, output_logprobs)
+
+    def chat(self, images, question: str, processor=None, **generate_kwargs):
+        """Ask `question` about one or more images (paths, URLs or PIL; video = a list of frames).
+
+        Returns `(answer, trace)`: the text of the final <answer> (None if the model gave none) and the
+        `Trace` of every round (`trace.save_png(path)` draws it).
+        """
+        processor = self._chat_processor(processor)
+        originals = [open_image(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+        messages = [
+            {
+                "role": "user",
+                "content": [*({"type": "image", "image": im} for im in originals), {"type": "text", "text": question}],
+            }
+        ]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(self.device)
+        generate_kwargs["return_dict_in_generate"] = True
+        output = self.generate(**inputs, images=[originals], processor=processor, **generate_kwargs)
+        trace = output.traces[0]
+        return trace.answer, trace
