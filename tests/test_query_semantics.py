@@ -103,3 +103,35 @@ def test_images_sharing_an_empty_query_attend_jointly(reference_model):
     )
     torch.testing.assert_close(joint, empty_joint)
     assert (joint - separate).abs().max() > 1e-3
+
+
+
+def test_dense_attention_mask_equals_the_query_groups(reference_model):
+    """`QueryGroups.attention_mask()`, one dense mask over cat([image keys, query keys]), gives what the QA
+    attention computes group by group (case E: a query shared by two images, left padding, an empty query)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    case = reference_case("e")
+    model = reference_model.model
+    instruct_embeds, instruct_mask = model._query_features(
+        len(case["image_grid_thw"]), case["query_ids"], case["query_attention_mask"], case["image_to_query_mapping"]
+    )
+    mapping = case["image_to_query_mapping"]
+    groups = model.visual.query_groups(case["image_grid_thw"], mapping, instruct_embeds, instruct_mask)
+    assert groups.query_embeds is not None and len(set(groups.q_lengths)) > 1
+    attn = model.visual.blocks[model.config.vision_config.query_aware_blocks[0]].attn
+    hidden = torch.randn(len(groups.position_ids), attn.dim, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.visual.rotary_pos_emb(hidden, groups.position_ids)
+    with torch.no_grad():
+        grouped = attn(hidden, position_embeddings=(cos, sin), query_groups=groups)
+        query, key, value = attn.qkv(hidden).reshape(len(hidden), 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+        query_key, query_value = attn.query_keys_values(groups)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(0, 1),
+            torch.cat([key, query_key]).transpose(0, 1),
+            torch.cat([value, query_value]).transpose(0, 1),
+            attn_mask=groups.attention_mask(),
+        )
+        dense = attn.proj(dense.transpose(0, 1).reshape(len(hidden), -1))
+    torch.testing.assert_close(dense, grouped, atol=1e-5, rtol=1e-5)
