@@ -135,3 +135,28 @@ def test_dense_attention_mask_equals_the_query_groups(reference_model):
         )
         dense = attn.proj(dense.transpose(0, 1).reshape(len(hidden), -1))
     torch.testing.assert_close(dense, grouped, atol=1e-5, rtol=1e-5)
+
+
+def test_query_groups_are_a_pure_function_of_grid_mapping_and_mask():
+    """No model needed (the vLLM model calls this): two images share query 0, one has query 1 (left-padded)."""
+    from vilavt.remote_code.modeling_vilavt import build_query_groups
+
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 2, 2]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    groups = build_query_groups(grid, 2, torch.tensor([0, 0, 1]), mask)
+    # Image 1 starts where image 0 ends (max(h, w) = 2); image 2 opens its own group at 0.
+    assert groups.position_ids[:4].max() == 1 and groups.position_ids[4:12].min() == 2
+    assert groups.position_ids[12:].min() == 0 and groups.position_ids[12:].max() == 1
+    # Query slots follow the last image of their group: 2 + 4 = 6 and 2 (slots 1, 2 of a padded row).
+    assert groups.query_position_ids.tolist() == [6, 7, 3, 4]
+    assert (groups.q_lengths, groups.k_lengths) == ([12, 4], [14, 6])
+    assert groups.cu_seqlens_k.tolist() == [0, 14, 20] and groups.cu_seqlens_q.dtype == torch.int32
+    assert groups.kv_index.tolist() == [*range(12), 16, 17, *range(12, 16), 18, 19]
+    mask = groups.attention_mask()
+    assert mask.shape == (16, 20)
+    assert mask[:12, :12].all() and mask[:12, 16:18].all() and not mask[:12, 12:16].any() and not mask[:12, 18:].any()
+    assert mask[12:, 12:16].all() and mask[12:, 18:].all() and not mask[12:, :12].any() and not mask[12:, 16:18].any()
+    # Without a mapping or queries: each image alone, no query keys.
+    alone = build_query_groups(grid, 2)
+    assert alone.q_lengths == alone.k_lengths == [4, 8, 4] and alone.kv_index is None
+    assert alone.position_ids[4:12].min() == 0
