@@ -56,9 +56,8 @@ def test_the_fixture_is_complete():
 def test_authors_options_reproduce_every_row(with_prompt):
     """Overall, format and accuracy equal the authors' floats exactly (MRA's float32 noise included),
     whether the reward sees the whole conversation or, as in our trainer, only the completion."""
-    mismatches = [(i, ours(row, PREFIX if with_prompt else None, **AUTHORS), authors(row))
-                  for i, row in enumerate(ROWS) if ours(row, PREFIX if with_prompt else None, **AUTHORS) != authors(row)]
-    assert mismatches == []
+    prompt = PREFIX if with_prompt else None
+    assert [i for i, row in enumerate(ROWS) if ours(row, prompt, **AUTHORS) != authors(row)] == []
 
 
 def test_the_trl_callable_with_authors_options_matches_overall():

@@ -63,7 +63,8 @@ def test_mra():
         assert mean_relative_accuracy(pred, 10) <= mean_relative_accuracy(pred, 10, inclusive=True)
     # At the boundary, float32 decides: 50 % off is inside θ = .5 for 2.4 -> 3.6 but not for 10 -> 15.
     assert mean_relative_accuracy(3.6, 2.4) == pytest.approx(0.1)
-    assert mean_relative_accuracy(15, 10) == 0.0 and mean_relative_accuracy(15, 10, inclusive=True) == pytest.approx(0.1)
+    assert mean_relative_accuracy(15, 10) == 0.0
+    assert mean_relative_accuracy(15, 10, inclusive=True) == pytest.approx(0.1)
 
 
 def test_unknown_problem_type_names_it():
@@ -96,20 +97,23 @@ def test_format_reward_checks_every_turn():
     assert format_reward(["", "<think>a</think><answer>B"]) == [1.0, 1.0]
 
 
+def call(index=0, box=(0, 0, 9, 9), query='"q"') -> str:
+    payload = f'{{"region": [{{"index": {index}, "bbox_2d": {list(box)}}}], "query": {query}}}'
+    return f"<think>a</think><tool>{payload}</tool>"
+
+
 @pytest.mark.parametrize(
     "turn, authors, executable",
     [
         (TOOL, True, True),
-        ('<think>a</think><tool>{"region": [{"index": "0", "bbox_2d": [0, 0, 9, 9]}], "query": "q"}</tool>', True, False),
-        ('<think>a</think><tool>{"region": [{"index": 0, "bbox_2d": ["10", "20", "300", "40"]}], "query": "q"}</tool>',
-         True, False),  # strings compare as text: "10" < "300"
-        ('<think>a</think><tool>{"region": [{"index": 0, "bbox_2d": [1, "2", 3, 4]}], "query": "q"}</tool>', False, False),
-        ('<think>a</think><tool>{"region": [{"index": 0, "bbox_2d": [0, 0, 9, 9]}], "query": " "}</tool>', False, False),
+        (call(index='"0"'), True, False),
+        (call(box=("10", "20", "300", "40")).replace("'", '"'), True, False),  # strings compare as text
+        (call(box=(1, "2", 3, 4)).replace("'", '"'), False, False),  # a number against a string
+        (call(query='" "'), False, False),
         ("<think>a<think>b</think></think><answer>C</answer>", True, True),  # nesting is allowed
         ("<think>a</think></think><think><answer>C</answer>", False, False),
         ("<think>a</think><tool>{bad}</tool><answer>C</answer>", False, False),  # <tool> wins over <answer>
-        ('<think>a</think><tool>{"region": [{"index": 0, "bbox_2d": [0, 0, 9, 9]}], "query": "q"}</tool><answer>C',
-         True, True),  # an unclosed <answer> after a valid call goes unnoticed
+        (call() + "<answer>C", True, True),  # an unclosed <answer> after a valid call goes unnoticed
         ("<think>a</think><answer></answer>", True, True),
         ("<think>a</think>just text", True, True),
     ],

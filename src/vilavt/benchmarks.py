@@ -29,7 +29,7 @@ by the exact problem type:
   multiple choice   first characters equal, case-insensitive (an empty answer scores 0; theirs crashes);
   numerical         both or neither contain "." or ","; the numbers (commas removed) equal when rounded
                     to 2 decimals;
-  regression        float32 MRA over θ ∈ {0.50, …, 0.95} with |p − g| / (|g| + 1e-8) ≤ 1 − θ (the reward: <);
+  regression        float32 MRA over θ ∈ {0.50, …, 0.95}: |p − g| / (|g| + 1e-8) ≤ 1 − θ (the reward: <);
   vci               "action:value" lists; for the 5 pairs in `VIEW_CHANGE_PAIRS` the net value
                     (e.g. move_right − move_left), then the mean MRA over the pairs; unparsable → 0;
   other types       (judgment, math, free text) `vilavt.rewards.score_answer` (theirs: 0; `other_types`).
@@ -104,9 +104,9 @@ SPAR_LEVELS = {
     ),
     "Medium": ("view_change_infer", "position_matching", "camera_motion_infer"),
     "High": (
-        "obj_spatial_relation_oo", "obj_spatial_relation_oc_mv", "obj_spatial_relation_oo_mv", "spatial_imagination_oc",
-        "spatial_imagination_oo", "spatial_imagination_oc_mv", "spatial_imagination_oo_mv", "distance_infer_center_oo",
-        "distance_infer_center_oo_mv",
+        "obj_spatial_relation_oo", "obj_spatial_relation_oc_mv", "obj_spatial_relation_oo_mv",
+        "spatial_imagination_oc", "spatial_imagination_oo", "spatial_imagination_oc_mv", "spatial_imagination_oo_mv",
+        "distance_infer_center_oo", "distance_infer_center_oo_mv",
     ),
 }  # fmt: skip
 
@@ -489,9 +489,8 @@ def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
     benchmark = items[0].benchmark if items else ""
     scores = item_scores(items, records, avg_k)
     scored = [(item.category, scores[item.id]) for item in items if item.id in scores]
-    categories = {
-        name: {"accuracy": table_mean(values), "items": len(values)} for name, values in sorted(_by_type(scored).items())
-    }
+    by_category = sorted(_by_type(scored).items())
+    categories = {name: {"accuracy": table_mean(values), "items": len(values)} for name, values in by_category}
     pairs = [records[(item.id, s)] for item in items for s in range(avg_k) if (item.id, s) in records]
     failed = [r for r in pairs if r.get("error")]
     done = [r for r in pairs if not r.get("error")]
@@ -515,11 +514,13 @@ def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
         summary["vsi"] = vsi_table(scored)
         summary["accuracy"], summary["overall"] = summary["vsi"]["overall"], "mean of the VSI-Bench type means"
         if summary["vsi"]["left_out"]:
-            logger.warning("VSI-Bench types outside its table (left out of the overall): %s", summary["vsi"]["left_out"])
+            logger.warning("VSI-Bench types outside its table (left out of the overall): %s",
+                           summary["vsi"]["left_out"])  # fmt: skip
     elif SPAR_BENCH.search(benchmark):
         summary["spar"] = spar_table(scored)
         summary["levels"] = {level: entry["score"] for level, entry in summary["spar"]["levels"].items()}
-        summary["accuracy"], summary["overall"] = summary["spar"]["overall"], "mean of the SPAR-Bench level types' means"
+        summary["accuracy"] = summary["spar"]["overall"]
+        summary["overall"] = "mean of the SPAR-Bench level types' means"
         if summary["spar"]["other"]["types"]:
             logger.warning("SPAR-Bench types in no level (left out of the levels and the overall): %s",
                            summary["spar"]["other"]["types"])  # fmt: skip

@@ -146,19 +146,17 @@ def score_answer(prediction, gold, problem_type, *, free_text: str = "match") ->
     in [0, 1], by the authors' rules for `problem_type`; an empty prediction or gold scores 0."""
     _check_options(free_text=free_text)
     kind = problem_kind(problem_type)
-    if not prediction or gold is None or gold == "":
+    if not prediction or gold is None:
         return 0.0
-    gold = extract_answer(gold)
-    prediction = str(prediction)
-    if not prediction or not gold:
+    prediction, gold = str(prediction), extract_answer(gold)
+    if not gold:
         return 0.0
     if kind == "multiple choice":
         prediction, gold = prediction.strip(), gold.strip()
         return float(bool(prediction) and bool(gold) and prediction[0].lower() == gold[0].lower())
     if kind == "judgment":
         prediction, gold = prediction.lower().strip(), gold.lower().strip()
-        both = lambda word: _has_word(word, prediction) and _has_word(word, gold)  # noqa: E731
-        return float(both("yes") or both("no"))
+        return float(any(_has_word(word, prediction) and _has_word(word, gold) for word in ("yes", "no")))
     if kind in ("numerical", "regression"):
         value, gold_value = parse_number(prediction), parse_number(gold)
         if value is None or gold_value is None:
@@ -177,14 +175,9 @@ def turn_accuracy(content, gold, problem_type, *, answer_tag: str = "required", 
     r"""The accuracy reward of one turn's content (a string, or a user turn's parts, whose `str()` the
     authors search): its answer (`extract_answer`, then `unwrap_boxed`) scored by `score_answer`."""
     _check_options(answer_tag=answer_tag)
-    if not content or not gold or not problem_type:
-        problem_kind(problem_type)  # an unknown type is still an error
-        return 0.0
-    answer = extract_answer(content, required=answer_tag == "required")
-    if answer is None:
-        problem_kind(problem_type)
-        return 0.0
-    return score_answer(unwrap_boxed(answer), gold, problem_type, free_text=free_text)
+    problem_kind(problem_type)  # an unknown type is an error, whatever the turn holds
+    answer = extract_answer(content, required=answer_tag == "required") if content and gold else None
+    return score_answer(unwrap_boxed(answer), gold, problem_type, free_text=free_text) if answer else 0.0
 
 
 # ---- conversations ------------------------------------------------------------------------------------
@@ -245,7 +238,8 @@ def conversation_turns(completion, prompt_text: str | None = None, stop_reason: 
     last turn is closed, as the authors' rollout renders every finished turn through the chat template.
     """
     text = (ASSISTANT_HEADER if prompt_text is None else prompt_text) + completion_text(completion)
-    if stop_reason is not None and stop_reason not in OPEN_TURN_STOP_REASONS and text.rfind(TURN_START) > text.rfind(TURN_END):
+    closable = stop_reason is not None and stop_reason not in OPEN_TURN_STOP_REASONS
+    if closable and text.rfind(TURN_START) > text.rfind(TURN_END):
         text += TURN_END
     return parse_dialogue(text)
 
@@ -345,8 +339,7 @@ def score_conversation(
     fmt = float(all(turn_format_ok(t.content, tool_format=tool_format) for t in turns if t.role == "assistant"))
     accuracy = 0.0
     if turns:
-        accuracy = turn_accuracy(turns[-1].content if turns[-1].role != "user" else str(turns[-1].content), gold,
-                                 problem_type, answer_tag=answer_tag, free_text=free_text)  # fmt: skip
+        accuracy = turn_accuracy(turns[-1].content, gold, problem_type, answer_tag=answer_tag, free_text=free_text)
     overall = acc_weight * accuracy + format_weight * fmt if accuracy > 0 else accuracy
     return RewardParts(overall, fmt, accuracy)
 
