@@ -538,8 +538,8 @@ def format_table(summary: dict) -> str:
     rows += [(f"level {name}", str(entry["count"]), percent(entry["score"])) for name, entry in levels.items()]
     if summary["overall"] != "mean over items":
         rows.append(("mean over items", str(summary["items_scored"]), percent(summary["mean"])))
-    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(summary["items_scored"]),
-                 percent(summary["accuracy"])))
+    counted = summary.get("spar", {}).get("count", summary["items_scored"])  # SPAR's overall leaves "Other" out
+    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(counted), percent(summary["accuracy"])))
     width = max(len(row[0]) for row in rows + [("category",)])
     lines = [f"{'category':<{width}}  {'items':>6}  {'acc %':>7}"]
     lines += [f"{name:<{width}}  {count:>6}  {value:>7}" for name, count, value in rows]
