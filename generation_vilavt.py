@@ -11,7 +11,6 @@ round, each conversation is rebuilt from its token ids and all its images are en
 """
 
 import copy
-import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -467,8 +466,6 @@ class ChatSession:
         self.pad_id = generation_config.pad_token_id if generation_config.pad_token_id is not None else 0
         self.device = model.device
         self.banned_ids = torch.tensor(sorted(control_token_ids(model.config, self.tokenizer)), device=self.device)
-        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40).
-        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache = None
         self.cache_rows: list[int] = []  # episode index of each cache row
         self.mask = None
@@ -476,8 +473,7 @@ class ChatSession:
     # ---- forwards -------------------------------------------------------------------------------
 
     def _forward(self, **inputs) -> torch.Tensor:
-        inputs[self.cache_argument] = self.cache
-        outputs = self.model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True)
+        outputs = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1, return_dict=True)
         return outputs.logits[:, -1].float()
 
     def prefill(self, episodes: list[Episode], rows: list[int]) -> dict[int, torch.Tensor]:

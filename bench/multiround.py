@@ -44,8 +44,8 @@ def limit(model, episode):
     positions, deltas = model.model.get_rope_index(inputs["input_ids"], mm, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
     start = time.perf_counter()
     # The loop's own cache type, so the limit differs from the loop only by the loop around the work.
-    cache = model(**inputs, position_ids=positions, past_key_values=GrowingCache(), use_cache=True,
-                  logits_to_keep=1).past_key_values
+    cache = model(**inputs, position_ids=positions, cache=GrowingCache(), use_cache=True,
+                  logits_to_keep=1).cache
     prompt_seconds = time.perf_counter() - start
 
     # Consecutive runs of sampled / injected tokens after the prompt.
@@ -65,7 +65,7 @@ def limit(model, episode):
                 token = torch.tensor([[ids[k]]])
                 pos = torch.full((3, 1, 1), position)
                 start = time.perf_counter()
-                cache = model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).past_key_values
+                cache = model(input_ids=token, position_ids=pos, cache=cache, use_cache=True).cache
                 other += time.perf_counter() - start
                 position += 1
             continue
@@ -89,8 +89,8 @@ def limit(model, episode):
         seg_positions, _ = model.model.get_rope_index(token_ids, model.model.mm_token_type_ids(token_ids), grids if count else None)
         seg_positions = seg_positions + position
         start = time.perf_counter()
-        cache = model(input_ids=token_ids, position_ids=seg_positions, past_key_values=cache, use_cache=True,
-                      mm_encoder_outputs=encoder_outputs, logits_to_keep=1).past_key_values
+        cache = model(input_ids=token_ids, position_ids=seg_positions, cache=cache, use_cache=True,
+                      mm_encoder_outputs=encoder_outputs, logits_to_keep=1).cache
         other += time.perf_counter() - start
         position = int(seg_positions.max()) + 1
     return prompt_seconds, other
