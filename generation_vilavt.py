@@ -15,16 +15,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import LogitsProcessorList, MaxTimeCriteria, StopStringCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .images_vilavt import open_image
+from .images_vilavt import open_image, pixels_to_images
 from .processing_vilavt import TURN_END
 from .protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_step, tool_message
 from .regions_vilavt import ImageLedger, RegionError
+from .trace_vilavt import RoundTrace, Trace
 
 logger = logging.get_logger(__name__)
 
@@ -32,83 +32,6 @@ logger = logging.get_logger(__name__)
 # --------------------------------------------------------------------------------------------------
 # What a generation returns
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RoundTrace:
-    """One tool call: what the model asked for and what it got back."""
-
-    thought: str | None
-    query: str | None
-    regions: list[dict]  # index, bbox_2d (displayed pixels), source original, box_in_original (pixels)
-    crops: list  # displayed-size PIL crops
-    crop_indices: list[int]
-    error: str | None
-    notes: list[str]
-    generated_tokens: int  # sampled in the turn that made the call
-    injected_tokens: int  # tool-response tokens appended (text + image)
-    seconds_decode: float
-    seconds_tool: float  # parse + crop + render + encode
-
-
-@dataclass
-class Trace:
-    """Everything one sequence did; `save_png` draws it."""
-
-    originals: list  # full-resolution PIL images
-    rounds: list[RoundTrace] = field(default_factory=list)
-    answer: str | None = None
-    final_turn: str = ""
-    text: str = ""  # the whole completion, decoded
-    stop_reason: str = ""
-    generated_tokens: int = 0
-    injected_tokens: int = 0
-    seconds: float = 0.0
-
-    def save_png(self, path, max_side: int = 640) -> str:
-        """Draw the original image(s) with every round's boxes (labelled by round) and the crops."""
-        colors = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
-        panels = []
-        for source, original in enumerate(self.originals):
-            scale = min(1.0, max_side / max(original.size))
-            panel = original.convert("RGB").resize(
-                (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
-            )
-            draw = ImageDraw.Draw(panel)
-            for number, rnd in enumerate(self.rounds, 1):
-                for region in rnd.regions:
-                    if region.get("source") != source:
-                        continue
-                    box = [v * scale for v in region["box_in_original"]]
-                    color = colors[(number - 1) % len(colors)]
-                    draw.rectangle(box, outline=color, width=3)
-                    draw.text((box[0] + 3, box[1] + 2), f"r{number}", fill=color)
-            draw.text((4, 4), f"image {source}", fill="#000000")
-            panels.append(panel)
-        crops = []
-        for number, rnd in enumerate(self.rounds, 1):
-            for index, crop in zip(rnd.crop_indices, rnd.crops):
-                scale = min(1.0, (max_side // 2) / max(crop.size))
-                tile = crop.convert("RGB").resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
-                ImageDraw.Draw(tile).text((3, 2), f"r{number}: image {index}", fill=colors[(number - 1) % len(colors)])
-                crops.append(tile)
-        pad = 8
-        top_h = max((p.height for p in panels), default=0)
-        bottom_h = max((c.height for c in crops), default=0)
-        width = max(sum(p.width for p in panels), sum(c.width for c in crops)) + pad * (max(len(panels), len(crops)) + 1)
-        caption = f"answer: {self.answer!r}  ({len(self.rounds)} rounds, stop: {self.stop_reason})"
-        canvas = Image.new("RGB", (max(width, 320), top_h + bottom_h + 3 * pad + 16), "white")
-        x = pad
-        for panel in panels:
-            canvas.paste(panel, (x, pad))
-            x += panel.width + pad
-        x = pad
-        for tile in crops:
-            canvas.paste(tile, (x, top_h + 2 * pad))
-            x += tile.width + pad
-        ImageDraw.Draw(canvas).text((pad, top_h + bottom_h + 2 * pad), caption, fill="#000000")
-        canvas.save(path)
-        return str(path)
 
 
 @dataclass
@@ -206,7 +129,7 @@ class Episode:
     """One conversation being generated: its token ids, images and queries — enough to rebuild the
     full model inputs (the reference-style recompute, or a training forward over a rollout)."""
 
-    def __init__(self, prompt_ids, pixel_rows, grids, query_ids, query_mask, query_texts, mapping, ledger):
+    def __init__(self, prompt_ids, pixel_rows, grids, query_ids, query_mask, mapping, ledger):
         self.ids = list(prompt_ids)
         self.sampled = [False] * len(self.ids)
         self.prompt_length = len(self.ids)
@@ -214,14 +137,11 @@ class Episode:
         self.grids = [list(g) for g in grids]
         self.query_ids = list(query_ids)  # one [T] tensor per query row
         self.query_mask = list(query_mask)
-        self.query_texts = list(query_texts)
         self.mapping = list(mapping)
         self.ledger = ledger
         self.trace = Trace(originals=ledger.originals)
         self.next_position = 0
         self.turn_start = len(self.ids)
-        self.rounds = 0
-        self.done = False
         self.waiting = False  # reference-style loop: tool response appended, waiting for the re-prefill
         self.pending: list[int] = []  # ids to feed in the next forward
         self.pending_positions: list[torch.Tensor] = []
@@ -229,24 +149,33 @@ class Episode:
         self.logits: list[torch.Tensor] = []
         self.scores: list[torch.Tensor] = []
         self.logprobs: list[float] = []
+        self._ids_tensor = torch.tensor(self.ids, dtype=torch.long)
         self._turn_clock = time.perf_counter()
+
+    @property
+    def rounds(self) -> int:
+        """Tool calls answered so far."""
+        return len(self.trace.rounds)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.trace.stop_reason)
 
     def clone(self) -> "Episode":
         twin = copy.copy(self)
-        for name in ("ids", "sampled", "pixel_rows", "grids", "query_ids", "query_mask", "query_texts", "mapping"):
+        for name in ("ids", "sampled", "pixel_rows", "grids", "query_ids", "query_mask", "mapping"):
             setattr(twin, name, list(getattr(self, name)))
         twin.ledger = copy.copy(self.ledger)
         twin.ledger.entries = list(self.ledger.entries)
         twin.trace = Trace(originals=self.ledger.originals)
         twin.pending, twin.pending_positions = list(self.pending), list(self.pending_positions)
         twin.logits, twin.scores, twin.logprobs = [], [], []
-        twin._ids_tensor = None
         return twin
 
     def ids_tensor(self) -> torch.Tensor:
         """`ids` as a tensor, extended (not rebuilt) as tokens arrive."""
-        cached = getattr(self, "_ids_tensor", None)
-        if cached is None or len(cached) > len(self.ids):
+        cached = self._ids_tensor
+        if len(cached) > len(self.ids):
             cached = torch.tensor(self.ids, dtype=torch.long)
         elif len(cached) < len(self.ids):
             cached = torch.cat([cached, torch.tensor(self.ids[len(cached) :], dtype=torch.long)])
@@ -271,7 +200,6 @@ class Episode:
         self.grids += response.grids
         self.query_ids.append(response.query_ids)
         self.query_mask.append(response.query_mask)
-        self.query_texts.append(response.trace.query)
         self.mapping += [len(self.query_ids) - 1] * len(response.grids)
 
     def model_inputs(self, pad_token_id: int = 0) -> dict:
@@ -404,23 +332,6 @@ def tool_response(
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-
-
-def pixels_to_images(pixel_values, grids, image_processor) -> list[Image.Image]:
-    """Displayed images rebuilt from patch rows (undo normalisation and patchify) — the fallback source
-    of crops when `generate` is not given the original images."""
-    mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
-    std = torch.tensor(image_processor.image_std).view(3, 1, 1)
-    patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
-    images, start = [], 0
-    for t, h, w in grids:
-        rows = pixel_values[start : start + t * h * w].float().cpu()
-        start += t * h * w
-        x = rows[: h * w].view(h // merge, w // merge, merge, merge, 3, temporal, patch, patch)[..., 0, :, :]
-        x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * patch, w * patch)
-        array = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        images.append(Image.fromarray(array))
-    return images
 
 
 class ChatSession:
@@ -606,7 +517,6 @@ class ChatSession:
     # ---- tool calls -----------------------------------------------------------------------------
 
     def finish(self, ep: Episode, reason: str) -> None:
-        ep.done = True
         turn = self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True)
         step = parse_step(turn)
         ep.trace.final_turn = turn
@@ -633,7 +543,6 @@ class ChatSession:
         if ep.new_tokens + len(response.ids) > self.max_new_tokens:
             self.finish(ep, "max_new_tokens")
             return None
-        ep.rounds += 1
         turn_tokens = len(ep.turn_ids)
         ep.add_tool_response(response)
         self.append(ep, response.ids, sampled=False, grids=response.grids)
@@ -853,7 +762,6 @@ def episodes_from_inputs(
                 row_grids,
                 [query_rows[q] for q in used],
                 [mask_rows[q] for q in used],
-                [""] * len(used),
                 [used.index(q) for q in row_mapping] if row_mapping else [],
                 ledger,
             )

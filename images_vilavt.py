@@ -7,6 +7,7 @@ import os
 import warnings
 from io import BytesIO
 
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -62,4 +63,21 @@ def fit_image(image: Image.Image, max_pixels: int, min_pixels: int = DEFAULT_MIN
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-__all__ = ["ImageLoadError", "open_image", "displayed_size", "fit_image", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS"]
+def pixels_to_images(pixel_values, grids, image_processor) -> list[Image.Image]:
+    """Displayed images rebuilt from patch rows (undo normalisation and patchify) — the fallback source
+    of crops when `generate` is not given the original images."""
+    mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(3, 1, 1)
+    patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    images, start = [], 0
+    for t, h, w in grids:
+        rows = pixel_values[start : start + t * h * w].float().cpu()
+        start += t * h * w
+        x = rows[: h * w].view(h // merge, w // merge, merge, merge, 3, temporal, patch, patch)[..., 0, :, :]
+        x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * patch, w * patch)
+        array = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        images.append(Image.fromarray(array))
+    return images
+
+
+__all__ = ["ImageLoadError", "open_image", "displayed_size", "fit_image", "pixels_to_images", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS"]

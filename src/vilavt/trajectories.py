@@ -133,7 +133,6 @@ def build_episode(row: dict, processor, config, image_root=None, max_rounds: int
         episode.add_tool_response(response)
         extend(response.ids[: response.closing], True)
         extend(response.ids[response.closing :], False)
-        episode.rounds += 1
         episode.trace.rounds.append(response.trace)
     episode.turn_start = len(episode.ids)
     return episode
