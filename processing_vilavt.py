@@ -152,9 +152,10 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         self.crop_max_pixels = int(crop_max_pixels or max_pixels)
         self.crop_min_pixels = int(crop_min_pixels or min_pixels)
         self.max_query_length = int(max_query_length)
-        self.prompts = default_prompts(prompt_style) if prompt_templates is None else as_prompts(prompt_templates)
+        fallback = default_prompts(prompt_style)
+        self.prompts = fallback if prompt_templates is None else as_prompts(prompt_templates)
         self.prompt_style = prompt_style
-        if chat_template is not None and all(mark in str(chat_template) for mark in _LEGACY_TEMPLATE_MARKS):
+        if isinstance(chat_template, str) and all(mark in chat_template for mark in _LEGACY_TEMPLATE_MARKS):
             logger.info("replacing a chat template that carries its own wording with the assembler of the templates")
             chat_template = None
         # The query tokenizer takes the parent's third sub-processor slot (its video processor): ProcessorMixin
