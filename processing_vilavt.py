@@ -36,7 +36,7 @@ from .images_vilavt import (  # noqa: F401  (re-exported: part of the processor 
     fit_image,
     open_image,
 )
-from .prompts_vilavt import PROMPTS_FILE, _is_image, as_prompts, default_prompts
+from .prompts_vilavt import PROMPTS_FILE, as_prompts, default_prompts, is_image_item
 
 logger = logging.get_logger(__name__)
 
@@ -152,8 +152,8 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         self.crop_max_pixels = int(crop_max_pixels or max_pixels)
         self.crop_min_pixels = int(crop_min_pixels or min_pixels)
         self.max_query_length = int(max_query_length)
-        fallback = default_prompts(prompt_style)
-        self.prompts = fallback if prompt_templates is None else as_prompts(prompt_templates)
+        default = default_prompts(prompt_style)  # also checks prompt_style when templates are given
+        self.prompts = default if prompt_templates is None else as_prompts(prompt_templates)
         self.prompt_style = prompt_style
         if isinstance(chat_template, str) and all(mark in chat_template for mark in _LEGACY_TEMPLATE_MARKS):
             logger.info("replacing a chat template that carries its own wording with the assembler of the templates")
@@ -317,7 +317,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         items_by_role = {"user": [], "tool": []}
         for message in conversation:
             if message.get("role") in items_by_role and isinstance(message.get("content"), list):
-                items_by_role[message["role"]] += [item for item in message["content"] if _is_image(item)]
+                items_by_role[message["role"]] += [item for item in message["content"] if is_image_item(item)]
 
         def source(item):
             found = item.get("image", item.get("image_url", item.get("path", item.get("url"))))

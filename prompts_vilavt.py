@@ -61,8 +61,11 @@ class PromptTemplateError(ValueError):
 
 def placeholders(text: str) -> list[str]:
     """The `str.format` fields of `text` in order of appearance (repeats kept); raises ValueError on a
-    malformed format string (a lone brace)."""
-    return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    malformed format string (a lone brace) or a field inside a format spec."""
+    parsed = list(string.Formatter().parse(text))
+    if any(spec and "{" in spec for _, _, spec, _ in parsed):
+        raise ValueError("a field inside a format spec")
+    return [name for _, name, _, _ in parsed if name is not None]
 
 
 def check_placeholders(text: str, needed, what: str) -> None:
@@ -78,7 +81,7 @@ def check_placeholders(text: str, needed, what: str) -> None:
         )
 
 
-def _is_image(item) -> bool:
+def is_image_item(item) -> bool:
     # Datasets (Arrow) give every content item every key, with None where unused.
     return isinstance(item, dict) and (
         item.get("type") == "image" or item.get("image") is not None or item.get("image_url") is not None
@@ -187,7 +190,7 @@ class PromptTemplates:
         else:
             count = first_index
             for item in content or []:
-                if _is_image(item):
+                if is_image_item(item):
                     index = count if item.get("index") is None else item["index"]
                     line = self.crop_index.format(current_image_idx=index, width=item["width"], height=item["height"])
                     items += [item, _item(line)]
@@ -215,10 +218,10 @@ class PromptTemplates:
             role, content = message.get("role"), message.get("content")
             if role == "tool":
                 items = self.tool_response_content(message, count)
-                count += sum(_is_image(item) for item in items)
+                count += sum(is_image_item(item) for item in items)
                 message = {"role": "tool", "content": items}
-            elif role == "user" and isinstance(content, list) and any(_is_image(item) for item in content):
-                images = [item for item in content if _is_image(item)]
+            elif role == "user" and isinstance(content, list) and any(is_image_item(item) for item in content):
+                images = [item for item in content if is_image_item(item)]
                 items = []
                 for image in images:
                     items += [image, _item(self.image_index.format(index=count))]
@@ -340,5 +343,6 @@ __all__ = [
     "as_prompts",
     "placeholders",
     "check_placeholders",
+    "is_image_item",
     "tool_message",
 ]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vilavt.cli import main as vilavt_main
 from vilavt.demo import SHIPPED
-from vilavt.prompts import PromptImportError, import_authors_prompts
+from vilavt.prompts import PromptImportError, import_authors_prompts, write_prompts
 from vilavt.remote_code.generation_vilavt import tool_response
 from vilavt.remote_code.processing_vilavt import ViLaVTProcessor
 from vilavt.remote_code.prompts_vilavt import (
@@ -40,8 +40,28 @@ RL_FIRST = sorted(name for name in GOLDEN if name.startswith("rl_first_"))
 TOOL = sorted(name for name in GOLDEN if name.startswith("tool_"))
 
 
+TOKENIZE = dict(tokenize=True, return_dict=True, return_tensors="pt")
+
+
 def image(size, color=(120, 120, 120)):
     return Image.new("RGB", tuple(size), color)
+
+
+def user_turn(images: list, question: str, as_video: bool = False) -> dict:
+    items = [{"type": "video", "video": images}] if as_video else [{"type": "image", "image": im} for im in images]
+    return {"role": "user", "content": [*items, {"type": "text", "text": question}]}
+
+
+def pinned_conversation(sequence: dict) -> list[dict]:
+    messages = [user_turn([image(s) for s in sequence["sizes"]], sequence["question"])]
+    for turn in sequence["turns"]:
+        if "assistant" in turn:
+            messages.append({"role": "assistant", "content": turn["assistant"]})
+        else:
+            t = turn["tool"]
+            crops = [image(s) for s in t["crops"]]
+            messages.append(tool_message(crops, t["first_index"], t["final"], t["error"], t["notes"]))
+    return messages
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +70,18 @@ def authors():
 
 
 @pytest.fixture(scope="module")
-def processor_for(authors):
-    """A tiny processor carrying imported templates (through a checkpoint folder, as `vilavt prompts import`
-    writes them); crops keep the golden sizes."""
+def processor_for(tmp_path_factory):
+    """A tiny processor carrying imported templates, loaded from a checkpoint folder they were imported into;
+    crops keep the golden sizes."""
     cache = {}
 
-    def make(variant="rl", on_error="final"):
-        if (variant, on_error) not in cache:
-            prompts = import_authors_prompts(STANDIN, variant=variant, on_error=on_error)
-            folder = Path(f"/tmp/vilavt-test-prompts-{variant}-{on_error}")
-            shutil.rmtree(folder, ignore_errors=True)
+    def make(variant="rl"):
+        if variant not in cache:
+            folder = tmp_path_factory.mktemp(f"prompts-{variant}")
             tiny_processor(crop_max_pixels=10**8, min_pixels=28 * 28).save_pretrained(folder)
-            prompts.save(folder / PROMPTS_FILE)
-            cache[variant, on_error] = ViLaVTProcessor.from_pretrained(folder)
-            shutil.rmtree(folder)
-        return cache[variant, on_error]
+            write_prompts(import_authors_prompts(STANDIN, variant=variant), folder)
+            cache[variant] = ViLaVTProcessor.from_pretrained(folder)
+        return cache[variant]
 
     return make
 
@@ -91,8 +108,7 @@ def question_of(case, prompts):
 
 def first_turn(case, prompts, as_video=False):
     originals = [image(size) for size in golden_sizes(case)]
-    items = [{"type": "video", "video": originals}] if as_video else [{"type": "image", "image": im} for im in originals]
-    return [{"role": "user", "content": [*items, {"type": "text", "text": question_of(case, prompts)}]}], originals
+    return [user_turn(originals, question_of(case, prompts), as_video)], originals
 
 
 def budget(case):
@@ -148,9 +164,7 @@ def test_first_turns_match_the_authors_rl_dataset(processor_for, name):
     messages, originals = first_turn(case, processor.prompts)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, max_pixels=budget(case))
     assert text == case["rendered"]
-    out = processor.apply_chat_template(
-        messages, add_generation_prompt=True, max_pixels=budget(case), tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, max_pixels=budget(case), **TOKENIZE)
     shown = processor.fit_originals(originals, budget(case))
     assert [list(im.size) for im in shown] == golden_sizes(case)
     assert out["input_ids"][0].tolist() == ids_of_text(processor, case["rendered"], shown)
@@ -161,9 +175,7 @@ def test_video_frames_follow_the_multi_image_rule(processor_for):
     case, processor = GOLDEN["rl_first_8frames"], processor_for()
     messages, originals = first_turn(case, processor.prompts, as_video=True)
     assert processor.apply_chat_template(messages, add_generation_prompt=True, max_pixels=budget(case)) == case["rendered"]
-    out = processor.apply_chat_template(
-        messages, add_generation_prompt=True, max_pixels=budget(case), tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, max_pixels=budget(case), **TOKENIZE)
     assert len(out["image_grid_thw"]) == 8 and out["image_to_query_mapping"].tolist() == list(range(8))
     assert out["input_ids"][0].tolist() == ids_of_text(processor, case["rendered"], processor.fit_originals(originals, budget(case)))
 
@@ -182,7 +194,7 @@ def test_whole_conversations_match(processor_for, name):
     messages, images = whole_conversation(case, processor.prompts)
     kwargs = dict(add_generation_prompt=case["add_generation_prompt"], max_pixels=budget(case))
     assert processor.apply_chat_template(messages, **kwargs) == case["rendered"]
-    out = processor.apply_chat_template(messages, **kwargs, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(messages, **kwargs, **TOKENIZE)
     shown = processor.fit_originals(images[: len(golden_sizes(case))], budget(case)) + images[len(golden_sizes(case)) :]
     assert out["input_ids"][0].tolist() == ids_of_text(processor, case["rendered"], shown)
 
@@ -215,7 +227,8 @@ def test_the_loops_tool_responses_match(processor_for, name):
     first = r["crops"][0]["index"] if r["crops"] else len(golden_sizes(case))
     episode = SimpleNamespace(ledger=StubLedger(first, crops, r.get("error")))
     turn = [m for m in case["messages"] if m["role"] == "assistant"][-1]["content"][0]["text"]
-    response = tool_response(episode, processor, turn, final=r["final"])
+    # A failed call gets the final text from the templates (on_error="final"), whatever the budget says.
+    response = tool_response(episode, processor, turn, final=r["final"] and not r.get("error"))
     assert response.ids == ids_of_text(processor, "<|im_end|>\n" + case["last_user_turn"], crops)
     assert response.trace.error == r.get("error") and len(response.crops) == len(crops)
     assert response.grids == [[1, crop.height // 14, crop.width // 14] for crop in crops]  # encoded at their size
@@ -225,7 +238,7 @@ def test_an_empty_region_list_renders_a_tool_response_without_crops(processor_fo
     """A call that succeeds with no crops (the authors' `zoomin` accepts an empty region list): the response text
     right after `<tool_response>` (the vLLM evaluator's no-room turn has the same bytes in its final round)."""
     case, processor = GOLDEN["vllm_eval_max_images_final"], processor_for()
-    messages, _ = whole_conversation({**case, "inputs": {**case["inputs"], "question": GOLDEN["tool_1crop_final"]["inputs"]["question"]}}, processor.prompts)
+    messages, _ = whole_conversation(case, processor.prompts)
     assert processor.apply_chat_template(messages, add_generation_prompt=True, max_pixels=budget(case)) == case["rendered"]
     assert processor.apply_chat_template([tool_message(final=True)], add_generation_prompt=True) == case["last_user_turn"]
 
@@ -260,8 +273,7 @@ def run_scripted(processor, turns, max_rounds=3):
     from vilavt.scripted import ScriptedPolicy
 
     model, _ = tiny_vilavt(seed=0)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image((112, 112))}, {"type": "text", "text": "q?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template([user_turn([image((112, 112))], "q?")], add_generation_prompt=True, **TOKENIZE)
     out = model.generate(
         **inputs, images=[[image((112, 112))]], processor=processor, max_rounds=max_rounds, max_new_tokens=400,
         return_dict_in_generate=True, logits_processor=LogitsProcessorList([ScriptedPolicy(processor.tokenizer, [turns])]),
@@ -297,29 +309,22 @@ def test_the_shipped_demo_renders_the_same_token_ids_as_before():
     assert processor.prompts == COMPACT
     pinned = PINNED["compact_shipped"]
     for case in pinned["first_turns"]:
-        messages = [{"role": "user", "content": [*({"type": "image", "image": image(s, (200, 30, 30))} for s in case["sizes"]), {"type": "text", "text": case["question"]}]}]
+        messages = [user_turn([image(s) for s in case["sizes"]], case["question"])]
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == case["text"]
-        out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        out = processor.apply_chat_template(messages, add_generation_prompt=True, **TOKENIZE)
         assert out["input_ids"][0].tolist() == case["ids"]
     for case in pinned["tool_turns"]:
-        crops = [image(s, (10, 200, 10)) for s in case["crops"]]
-        query = " ".join(["frame"] * 80) if case["notes"] else "the bar"
+        crops = [image(s) for s in case["crops"]]
+        query = " ".join(["frame"] * 80) if case["notes"] else "the bar"  # over 50 tokens: the loop's note
         regions = ", ".join('{"index": 0, "bbox_2d": [0, 0, 28, 28]}' for _ in crops or [None])
         turn = f'<think>t</think><tool>{{"region": [{regions}], "query": "{query}"}}</tool>'
         episode = SimpleNamespace(ledger=StubLedger(case["first_index"], crops, case["error"]))
         response = tool_response(episode, processor, turn, final=case["final"], turn_closed=case["closed"])
         assert response.ids == case["ids"], case["name"]
         assert response.trace.notes == case["notes"]
-    sequence = pinned["sequence"]
-    messages = [{"role": "user", "content": [*({"type": "image", "image": image(s, (200, 30, 30))} for s in sequence["sizes"]), {"type": "text", "text": sequence["question"]}]}]
-    for turn in sequence["turns"]:
-        if "assistant" in turn:
-            messages.append({"role": "assistant", "content": turn["assistant"]})
-        else:
-            t = turn["tool"]
-            messages.append(tool_message([image(s, (10, 200, 10)) for s in t["crops"]], t["first_index"], t["final"], t["error"], t["notes"]))
-    assert processor.apply_chat_template(messages) == sequence["text"]
-    assert processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"][0].tolist() == sequence["ids"]
+    messages = pinned_conversation(pinned["sequence"])
+    assert processor.apply_chat_template(messages) == pinned["sequence"]["text"]
+    assert processor.apply_chat_template(messages, **TOKENIZE)["input_ids"][0].tolist() == pinned["sequence"]["ids"]
 
 
 def test_a_folder_saved_before_templates_renders_as_before(tmp_path):
@@ -331,8 +336,9 @@ def test_a_folder_saved_before_templates_renders_as_before(tmp_path):
     processor = ViLaVTProcessor.from_pretrained(folder)
     assert processor.prompts == COMPACT and "prompt_style" not in processor.chat_template
     case = PINNED["compact_shipped"]["first_turns"][1]
-    messages = [{"role": "user", "content": [*({"type": "image", "image": image(s)} for s in case["sizes"]), {"type": "text", "text": case["question"]}]}]
-    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(
+        [user_turn([image(s) for s in case["sizes"]], case["question"])], add_generation_prompt=True, **TOKENIZE
+    )
     assert out["input_ids"][0].tolist() == case["ids"]
 
 
@@ -342,7 +348,7 @@ def test_full_wording_is_unchanged_but_for_the_newline_between_its_format_blocks
     pinned = PINNED["full_tiny"]
     fixed = ("</answer>Coordinates in", "</answer>\nCoordinates in")
     for case in pinned["first_turns"]:
-        messages = [{"role": "user", "content": [*({"type": "image", "image": image(s)} for s in case["sizes"]), {"type": "text", "text": case["question"]}]}]
+        messages = [user_turn([image(s) for s in case["sizes"]], case["question"])]
         assert case["text"].count(fixed[0]) == 1
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == case["text"].replace(*fixed)
     for case in pinned["tool_turns"]:
@@ -350,6 +356,8 @@ def test_full_wording_is_unchanged_but_for_the_newline_between_its_format_blocks
         message = tool_message(crops, case["first_index"], case["final"], case["error"], case["notes"])
         closing = "\n" if case["closed"] else "<|im_end|>\n"
         assert closing + processor.apply_chat_template([message], add_generation_prompt=True) == case["text"]
+    expected = pinned["sequence"]["text"]
+    assert processor.apply_chat_template(pinned_conversation(pinned["sequence"])) == expected.replace(*fixed)
 
 
 def test_tool_message_shapes():
