@@ -344,7 +344,7 @@ def tool_response(
     episode: Episode, processor, turn_text: str, final: bool, max_regions: int | None = None, turn_closed: bool = False
 ) -> ToolResponse:
     """Parse an assistant turn's tool call, crop its regions from the originals and render the tool
-    response through the chat template. Problems with the call become an error text in the response.
+    response with the processor's prompt templates. Problems with the call become an error text in the response.
     `turn_closed`: the turn already ends with the end-of-turn token (an unclosed call)."""
     step = parse_step(turn_text, max_regions)
     crops, notes, error, regions = [], [], step.error, []
