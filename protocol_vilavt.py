@@ -4,8 +4,7 @@ is validated, how tool responses are phrased and how the answer is read.
 A step:   <think>…</think><tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}, …], "query": "…"}</tool>
 the end:  <think>…</think><answer>…</answer>
 
-Prompts themselves live in the chat template (processing_vilavt.py); this module builds the tool
-messages the template renders.
+Prompt text is checkpoint data (prompts_vilavt.py); so are the tool messages the processor renders.
 """
 
 import json
@@ -176,26 +175,6 @@ def render_answer(answer: str, thought: str) -> str:
     return f"{THINK_OPEN}{thought}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 
-# ---- tool responses (rendered by the chat template) ------------------------------------------------
-
-
-def error_text(message: str) -> str:
-    return f"[Error] Zoom-in failed: {message}\n"
-
-
-def tool_message(crops=(), first_index: int = 0, final: bool = False, error: str | None = None, notes=()) -> dict:
-    """A `tool` message for the chat template: the crops (displayed-size PIL images, with their global
-    image indices), or an error; `final` adds the "answer now" prompt."""
-    content = [
-        {"type": "image", "image": crop, "index": first_index + i, "width": crop.width, "height": crop.height}
-        for i, crop in enumerate(crops)
-    ]
-    if error is not None:
-        content.append({"type": "text", "text": error_text(error)})
-    content += [{"type": "text", "text": f"Note: {note}\n"} for note in notes]
-    return {"role": "tool", "content": content, "final": final}
-
-
 __all__ = [
     "Region",
     "ToolCall",
@@ -206,8 +185,6 @@ __all__ = [
     "extract_answer",
     "unwrap_boxed",
     "format_ok",
-    "tool_message",
-    "error_text",
     "render_tool_call",
     "render_answer",
 ]

@@ -8,7 +8,6 @@ from vilavt.remote_code.protocol_vilavt import (
     format_ok,
     parse_step,
     parse_tool_call,
-    tool_message,
 )
 
 
@@ -76,15 +75,3 @@ def test_extract_answer(text, answer):
 )
 def test_format_rule(turn, ok):
     assert format_ok(turn) is ok
-
-
-def test_tool_message_shapes():
-    from PIL import Image
-
-    crop = Image.new("RGB", (56, 84))
-    message = tool_message([crop], first_index=3, final=True, notes=["n"])
-    assert message["role"] == "tool" and message["final"] is True
-    assert message["content"][0] == {"type": "image", "image": crop, "index": 3, "width": 56, "height": 84}
-    assert message["content"][1] == {"type": "text", "text": "Note: n\n"}
-    error = tool_message(error="bad")
-    assert error["content"] == [{"type": "text", "text": "[Error] Zoom-in failed: bad\n"}]
