@@ -247,3 +247,38 @@ def test_the_parser_accepts_and_rejects_what_the_authors_parser_does_except_wher
             assert ours == "call" or "bbox_2d" in step.error, (row["case"], step.error)
             continue
         assert ours == expected, (row["case"], row["assistant_text"], step.error)
+
+
+# ---- in the loop: each hostile call is a round whose error the model reads ----------------------------------
+
+HOSTILE_TURNS = {
+    "a stray </tool>": ("<think>zoom</think>the sign, please</tool>", "</tool> was written without an opening <tool>"),
+    "a huge integer": (
+        '<think>x</think><tool>{"region": [{"index": ' + "9" * 400 + ', "bbox_2d": [0, 0, 9, 9]}], "query": "q"}</tool>',
+        '"index" must be an integer, got Infinity',
+    ),
+    "deep nesting": ('<think>x</think><tool>{"region": ' + "[" * 1_100 + "]" * 1_100 + "}</tool>", "nested too deeply"),
+    "a lone surrogate": (
+        '<think>x</think><tool>{"region": [{"index": 0, "bbox_2d": [0, 0, 9, 9]}], "query": "a \\ud800"}</tool>',
+        "unpaired surrogate",
+    ),
+    "NaN": ('<think>x</think><tool>{"region": [{"index": 0, "bbox_2d": [NaN, 0, 9, 9]}], "query": "q"}</tool>', "got [NaN"),
+}  # fmt: skip
+
+
+def test_hostile_calls_in_the_loop_become_errors_the_model_reads(tiny):
+    from PIL import Image
+    from transformers import LogitsProcessorList
+
+    from vilavt.scripted import ScriptedPolicy, answer_text
+
+    model, processor = tiny
+    image = Image.new("RGB", (200, 150), (120, 40, 40))
+    script = [turn for turn, _ in HOSTILE_TURNS.values()] + [answer_text("A")]
+    policy = ScriptedPolicy(processor.tokenizer, [script])
+    answer, trace = model.chat(
+        image, "What?", processor=processor, max_rounds=len(script), max_new_tokens=10_000,
+        logits_processor=LogitsProcessorList([policy]),
+    )
+    assert answer == "A" and trace.stop_reason == "answer"
+    assert all(message in r.error for r, (_, message) in zip(trace.rounds, HOSTILE_TURNS.values(), strict=True))
