@@ -85,13 +85,14 @@ def _parse_int(literal: str):
     return int(literal) if len(literal) <= _EXACT_INT_DIGITS else float(literal)
 
 
-def _coordinate(value) -> float | None:
-    """A finite coordinate from a JSON number or a numeric string (as the authors' `float()` accepts), else None."""
+def _coordinate(value) -> int | float | None:
+    """A finite coordinate from a JSON number (kept as written: int or float) or a numeric string (as the
+    authors' `float()` reads it), else None."""
     if isinstance(value, str) and len(value) <= _SHOWN_CHARS and _NUMBER_RE.fullmatch(value.strip()):
         value = float(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    return float(value) if math.isfinite(value) else None
+    return value if math.isfinite(value) else None
 
 
 def parse_tool_call(payload: str, max_regions: int | None = None) -> ToolCall:

@@ -207,7 +207,7 @@ def check_call(call: ToolCall) -> None:
     for region in call.regions:
         assert type(region.index) is int
         x1, y1, x2, y2 = region.bbox
-        assert all(type(v) is float and math.isfinite(v) for v in region.bbox) and x1 < x2 and y1 < y2
+        assert all(type(v) in (int, float) and math.isfinite(v) for v in region.bbox) and x1 < x2 and y1 < y2
     query_tokenizes(call.query)
 
 
