@@ -1,8 +1,5 @@
 """Parsing steps and tool calls, answers, and the format rule of the reward."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from vilavt.remote_code.protocol_vilavt import (
@@ -207,63 +204,20 @@ def test_unwrap_boxed_takes_the_last_box(text, answer):
     assert unwrap_boxed(text) == answer
 
 
-# ---- the authors' parser on the same payloads (fixtures/authors-behaviour/crops/validation.jsonl) ----------
-
-VALIDATION = Path(__file__).parent / "fixtures" / "authors-behaviour" / "crops" / "validation.jsonl"
-# Failures the authors' code finds while parsing (the others are bounds checks: the crop step's business).
-AUTHORS_PARSE_ERRORS = ("tool_args_not_a_dict", "no_query_key", "region_item_not_a_dict", "bbox_not_4_numbers",
-                        "index_not_comparable_to_int", "index_not_an_int")  # fmt: skip
-# Where this parser deliberately differs (case: what ours does); the README's table lists why.
-DIFFERENCES = {
-    "empty region list": "error",  # authors: a round with no crops and no word why
-    "index true": "error",  # authors: True is image 1
-    "index as bool false": "error",  # authors: False is image 0
-    "query not a string": "error",  # authors' crop step never reads the query
-    "query as list": "error",
-    "empty query": "error",
-    "whitespace query": "error",
-    "index as float 0.0": "call",  # authors: 0.0 is not an int
-}
-
-
-def authors_rows():
-    return [json.loads(line) for line in VALIDATION.read_text().splitlines()]
-
-
-def test_the_parser_accepts_and_rejects_what_the_authors_parser_does_except_where_documented():
-    rows = authors_rows()
-    assert len(rows) >= 200 and {row["case"] for row in rows} >= set(DIFFERENCES)
-    for row in rows:
-        step = parse_step(row["assistant_text"])
-        ours = "call" if step.tool_call is not None else "error"
-        assert step.wants_tool and (step.error is None) == (ours == "call"), row
-        if row["case"] in DIFFERENCES:
-            expected = DIFFERENCES[row["case"]]
-        elif row["authors_ok"]:
-            expected = "call"
-        elif row["authors_error"].startswith(AUTHORS_PARSE_ERRORS):
-            expected = "error"
-        else:  # a bounds failure: the parser may pass it on (the crop step rejects it) or reject it itself
-            assert ours == "call" or "bbox_2d" in step.error, (row["case"], step.error)
-            continue
-        assert ours == expected, (row["case"], row["assistant_text"], step.error)
-
-
 # ---- in the loop: each hostile call is a round whose error the model reads ----------------------------------
+
+def tool_turn(index="0", box="[0, 0, 9, 9]", query='"q"', region=None) -> str:
+    region = region or f'[{{"index": {index}, "bbox_2d": {box}}}]'
+    return f'<think>x</think><tool>{{"region": {region}, "query": {query}}}</tool>'
+
 
 HOSTILE_TURNS = {
     "a stray </tool>": ("<think>zoom</think>the sign, please</tool>", "</tool> was written without an opening <tool>"),
-    "a huge integer": (
-        '<think>x</think><tool>{"region": [{"index": ' + "9" * 400 + ', "bbox_2d": [0, 0, 9, 9]}], "query": "q"}</tool>',
-        '"index" must be an integer, got Infinity',
-    ),
-    "deep nesting": ('<think>x</think><tool>{"region": ' + "[" * 1_100 + "]" * 1_100 + "}</tool>", "nested too deeply"),
-    "a lone surrogate": (
-        '<think>x</think><tool>{"region": [{"index": 0, "bbox_2d": [0, 0, 9, 9]}], "query": "a \\ud800"}</tool>',
-        "unpaired surrogate",
-    ),
-    "NaN": ('<think>x</think><tool>{"region": [{"index": 0, "bbox_2d": [NaN, 0, 9, 9]}], "query": "q"}</tool>', "got [NaN"),
-}  # fmt: skip
+    "a huge integer": (tool_turn(index="9" * 400), '"index" must be an integer, got Infinity'),
+    "deep nesting": (tool_turn(region="[" * 1_100 + "]" * 1_100), "nested too deeply"),
+    "a lone surrogate": (tool_turn(query='"a \\ud800"'), "unpaired surrogate"),
+    "NaN": (tool_turn(box="[NaN, 0, 9, 9]"), "got [NaN"),
+}
 
 
 def test_hostile_calls_in_the_loop_become_errors_the_model_reads(tiny):
