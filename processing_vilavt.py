@@ -35,6 +35,7 @@ from .images_vilavt import (  # noqa: F401  (re-exported: part of the processor 
     displayed_size,
     fit_image,
     open_image,
+    prepare_images,
 )
 from .prompts_vilavt import PROMPTS_FILE, as_prompts, default_prompts, is_image_item
 
@@ -279,6 +280,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         row) and `image_to_query_mapping` (one row index per image) default to one empty query per
         image. For a batch of texts pass per-sample lists; rows are offset across samples.
         """
+        images = prepare_images(images, convert=False)  # upright, 8-bit, <= 200:1: what open_image gives the crops
         kwargs.setdefault("images_kwargs", {})
         kwargs["images_kwargs"].setdefault("size", self.size_keeping(images))
         outputs = super().__call__(images=images, text=text, **kwargs)
