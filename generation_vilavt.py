@@ -21,9 +21,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .images_vilavt import open_image, pixels_to_images
-from .processing_vilavt import TURN_END
+from .processing_vilavt import TURN_END, batch_vision
 from .prompts_vilavt import tool_message
-from .protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_step
+from .protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, Step, parse_step
 from .regions_vilavt import ImageLedger, RegionError
 from .trace_vilavt import RoundTrace, Trace
 
@@ -135,7 +135,7 @@ class Episode:
         self.sampled = [False] * len(self.ids)
         self.prompt_length = len(self.ids)
         self.pixel_rows = list(pixel_rows)  # one [patches, 1176] tensor per image
-        self.grids = [list(g) for g in grids]
+        self.grids = grids  # [images, 3] (t, h, w) patch grids
         self.query_ids = list(query_ids)  # one [T] tensor per query row
         self.query_mask = list(query_mask)
         self.mapping = list(mapping)
@@ -164,7 +164,7 @@ class Episode:
 
     def clone(self) -> "Episode":
         twin = copy.copy(self)
-        for name in ("ids", "sampled", "pixel_rows", "grids", "query_ids", "query_mask", "mapping"):
+        for name in ("ids", "sampled", "pixel_rows", "query_ids", "query_mask", "mapping"):
             setattr(twin, name, list(getattr(self, name)))
         twin.ledger = copy.copy(self.ledger)
         twin.ledger.entries = list(self.ledger.entries)
@@ -191,17 +191,32 @@ class Episode:
     def turn_ids(self) -> list[int]:
         return self.ids[self.turn_start :]
 
-    def add_tool_response(self, response: "ToolResponse") -> None:
-        """Record a tool response's crops (as new images) and its query."""
-        response.trace.crop_indices = self.ledger.add(response.crops)
-        if response.pixel_values is None:
-            return
-        sizes = [t * h * w for t, h, w in response.grids]
-        self.pixel_rows += list(response.pixel_values.split(sizes))
-        self.grids += response.grids
-        self.query_ids.append(response.query_ids)
-        self.query_mask.append(response.query_mask)
-        self.mapping += [len(self.query_ids) - 1] * len(response.grids)
+    def add_tool_response(self, response: "ToolResponse", generated_tokens: int = 0, seconds_decode: float = 0.0,
+                          seconds_tool: float = 0.0) -> RoundTrace:
+        """Record a tool response: its crops become new images encoded with its query, and the round joins the
+        trace (`generated_tokens`: sampled in the turn that made the call)."""
+        indices = self.ledger.add(response.crops)
+        if response.pixel_values is not None:
+            self.pixel_rows += list(response.pixel_values.split(response.grids.prod(-1).tolist()))
+            self.grids = torch.cat([self.grids, response.grids])
+            self.query_ids.append(response.query_ids)
+            self.query_mask.append(response.query_mask)
+            self.mapping += [len(self.query_ids) - 1] * len(indices)
+        record = RoundTrace(
+            thought=response.thought,
+            query=response.query,
+            regions=response.regions,
+            crops=[crop.image for crop in response.crops],
+            crop_indices=indices,
+            error=response.error,
+            notes=response.notes,
+            generated_tokens=generated_tokens,
+            injected_tokens=len(response.ids),
+            seconds_decode=seconds_decode,
+            seconds_tool=seconds_tool,
+        )
+        self.trace.rounds.append(record)
+        return record
 
     def model_inputs(self, pad_token_id: int = 0) -> dict:
         """The full-sequence model inputs of this conversation (batch of one)."""
@@ -212,7 +227,7 @@ def same_conversation(a: Episode, b: Episode) -> bool:
     """Same tokens, images and queries (e.g. several samples of one prompt)."""
     return (
         a.ids == b.ids
-        and a.grids == b.grids
+        and torch.equal(a.grids, b.grids)
         and a.mapping == b.mapping
         and all(x is y or torch.equal(x, y) for x, y in zip(a.pixel_rows, b.pixel_rows))
         and len(a.query_ids) == len(b.query_ids)
@@ -220,37 +235,29 @@ def same_conversation(a: Episode, b: Episode) -> bool:
     )
 
 
-def _pad_queries(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    # Right-padding a query row keeps its valid slots (and their rotary positions) where they are.
-    return torch.stack([torch.nn.functional.pad(row, (0, length - row.shape[0])) for row in rows])
+def episode_vision(episode: Episode) -> dict:
+    """One conversation's vision inputs (all its images and queries), as `batch_vision` takes them."""
+    if not episode.pixel_rows:
+        return {}
+    return {
+        "pixel_values": torch.cat(episode.pixel_rows),
+        "image_grid_thw": episode.grids,
+        "query_ids": torch.stack(episode.query_ids),
+        "query_attention_mask": torch.stack(episode.query_mask),
+        "image_to_query_mapping": torch.tensor(episode.mapping, dtype=torch.long),
+    }
 
 
 def full_inputs(episodes: list[Episode], pad_token_id: int, padding_side: str = "left") -> dict:
-    """Batch the complete conversations of `episodes` (all tokens, all images, all queries) as model inputs;
-    each conversation's query rows are offset in `image_to_query_mapping`."""
+    """Batch the complete conversations of `episodes` (all tokens, all images, all queries) as model inputs."""
     length = max(len(ep.ids) for ep in episodes)
     input_ids = torch.full((len(episodes), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(episodes), length), dtype=torch.long)
     for row, ep in enumerate(episodes):
         span = slice(length - len(ep.ids), length) if padding_side == "left" else slice(0, len(ep.ids))
-        input_ids[row, span] = torch.tensor(ep.ids)
+        input_ids[row, span] = ep.ids_tensor()
         attention_mask[row, span] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    pixel_rows = [rows for ep in episodes for rows in ep.pixel_rows]
-    if pixel_rows:
-        query_rows = [q for ep in episodes for q in ep.query_ids]
-        query_length = max(q.shape[0] for q in query_rows)
-        offsets = torch.tensor([0] + [len(ep.query_ids) for ep in episodes]).cumsum(0).tolist()
-        inputs.update(
-            pixel_values=torch.cat(pixel_rows),
-            image_grid_thw=torch.tensor([g for ep in episodes for g in ep.grids], dtype=torch.long),
-            query_ids=_pad_queries(query_rows, query_length),
-            query_attention_mask=_pad_queries([m for ep in episodes for m in ep.query_mask], query_length),
-            image_to_query_mapping=torch.tensor(
-                [offsets[row] + q for row, ep in enumerate(episodes) for q in ep.mapping], dtype=torch.long
-            ),
-        )
-    return inputs
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **batch_vision([episode_vision(ep) for ep in episodes])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,27 +269,32 @@ def full_inputs(episodes: list[Episode], pad_token_id: int, padding_side: str = 
 class ToolResponse:
     """What answers one assistant turn's tool call."""
 
+    thought: str | None
+    query: str | None
+    crops: list  # regions_vilavt.Crop
+    error: str | None  # why the call failed (the response says so)
+    notes: list[str]
     ids: list[int]  # closes the assistant turn, the tool turn, then the next assistant header
     closing: int  # how many leading `ids` close the assistant turn
-    crops: list  # regions_vilavt.Crop
-    grids: list[list[int]]
+    grids: torch.Tensor  # [crops, 3]
     pixel_values: torch.Tensor | None
     query_ids: torch.Tensor | None
     query_mask: torch.Tensor | None
-    trace: RoundTrace
+    regions: list[dict]  # per crop: index, bbox_2d (displayed pixels), source original, box_in_original (pixels)
 
 
 def tool_response(
-    episode: Episode, processor, turn_text: str, final: bool, max_regions: int | None = None, turn_closed: bool = False
+    episode: Episode, processor, turn: "str | Step", final: bool, max_regions: int | None = None, turn_closed: bool = False
 ) -> ToolResponse:
     """Parse an assistant turn's tool call, crop its regions from the originals and render the tool
-    response with the processor's prompt templates. Problems with the call become an error text in the response.
-    `turn_closed`: the turn already ends with the end-of-turn token (an unclosed call)."""
-    step = parse_step(turn_text, max_regions)
-    crops, notes, error, regions = [], [], step.error, []
+    response with the processor's prompt templates. Problems with the call become an error text in the response;
+    text it echoes (an error's quote of the call) is encoded as text, never as a control token.
+    `turn`: the assistant turn's text, or the turn already parsed; `turn_closed`: the turn already ends with the
+    end-of-turn token (an unclosed call)."""
+    step = turn if isinstance(turn, Step) else parse_step(turn, max_regions)
+    crops, notes, error = [], [], step.error
     if step.tool_call is not None:
-        image_processor = processor.image_processor
-        factor = image_processor.patch_size * image_processor.merge_size
+        factor = processor.patch_factor
         try:
             crops = [
                 episode.ledger.crop(region, processor.crop_max_pixels, processor.crop_min_pixels, factor)
@@ -290,43 +302,34 @@ def tool_response(
             ]
         except RegionError as err:
             error = str(err)
-    query_ids = query_mask = None
+    query = None
     if crops:
-        encoding, truncated = processor.tokenize_queries([step.tool_call.query])
-        query_ids, query_mask = encoding["query_ids"][0], encoding["query_attention_mask"][0]
+        query, truncated = processor.tokenize_queries([step.tool_call.query])
         if truncated[0]:
             limit = processor.max_query_length
             notes.append(f"the query is longer than {limit} tokens; only its first {limit} were used")
-        regions = [
-            {"index": r.index, "bbox_2d": list(r.bbox), "source": c.entry.source, "box_in_original": list(c.pixel_box)}
-            for r, c in zip(step.tool_call.regions, crops)
-        ]
     message = tool_message([c.image for c in crops], len(episode.ledger), final, error, notes)
-    closing = "\n" if turn_closed else TURN_END
-    segment = closing + processor.apply_chat_template([message], add_generation_prompt=True)
-    encoded = processor(text=[segment], images=[c.image for c in crops] or None, return_tensors="pt")
-    closing_ids = processor.tokenizer.encode(closing, add_special_tokens=False)
+    encoded = processor.apply_chat_template(
+        [message], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        processor_kwargs={"queries": query, "image_to_query_mapping": [0] * len(crops)} if crops else None,
+    )  # fmt: skip
+    closing = processor.tokenizer.encode("\n" if turn_closed else TURN_END, add_special_tokens=False)
     return ToolResponse(
-        ids=encoded["input_ids"][0].tolist(),
-        closing=len(closing_ids),
+        thought=step.thought,
+        query=step.tool_call.query if step.tool_call else None,
         crops=crops,
-        grids=encoded["image_grid_thw"].tolist() if crops else [],
+        error=error,
+        notes=notes,
+        ids=closing + encoded["input_ids"][0].tolist(),
+        closing=len(closing),
+        grids=encoded["image_grid_thw"] if crops else torch.zeros((0, 3), dtype=torch.long),
         pixel_values=encoded["pixel_values"] if crops else None,
-        query_ids=query_ids,
-        query_mask=query_mask,
-        trace=RoundTrace(
-            thought=step.thought,
-            query=step.tool_call.query if step.tool_call else None,
-            regions=regions,
-            crops=[c.image for c in crops],
-            crop_indices=[],
-            error=error,
-            notes=notes,
-            generated_tokens=0,
-            injected_tokens=0,
-            seconds_decode=0.0,
-            seconds_tool=0.0,
-        ),
+        query_ids=encoded["query_ids"][0] if crops else None,
+        query_mask=encoded["query_attention_mask"][0] if crops else None,
+        regions=[
+            {"index": r.index, "bbox_2d": list(r.bbox), "source": c.entry.source, "box_in_original": list(c.pixel_box)}
+            for r, c in zip(step.tool_call.regions if crops else [], crops)
+        ],
     )
 
 
@@ -474,9 +477,9 @@ class ChatSession:
     def append(self, ep: Episode, ids: list[int], sampled: bool, grids=None) -> None:
         """Append tokens to an episode, with their 3-D rotary positions, to be fed next."""
         token_ids = torch.tensor([ids], dtype=torch.long)
-        if grids:
+        if grids is not None and len(grids):
             positions, _ = self.model.model.get_rope_index(
-                token_ids, self.model.model.mm_token_type_ids(token_ids), image_grid_thw=torch.tensor(grids)
+                token_ids, self.model.model.mm_token_type_ids(token_ids), image_grid_thw=grids
             )
             positions = positions[:, 0] + ep.next_position
         else:
@@ -517,83 +520,98 @@ class ChatSession:
 
     # ---- tool calls -----------------------------------------------------------------------------
 
-    def finish(self, ep: Episode, reason: str) -> None:
-        turn = self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True)
-        step = parse_step(turn)
-        ep.trace.final_turn = turn
+    def end_turn(self, ep: Episode, reason: str) -> ToolResponse | None:
+        """Act on a turn that ended for `reason` (`stop_reason`): answer its tool call or end the episode.
+        Returns the tool response whose crops must be encoded, if any."""
+        response = None
+        step = None
+        if reason == "eos":
+            step = parse_step(self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True), self.max_regions)
+            if step.wants_tool:
+                reason = "tool"  # an attempted call that never closed: the model reads why it failed
+        if reason == "tool":
+            response = self.prepare_tool_call(ep, step)
+            ep.waiting = not ep.done and not self.incremental
+        elif reason == "eos":
+            self.finish(ep, "answer" if step.answer is not None else "eos", step)
+        else:
+            if reason == "answer" and self.turn_end is not None and ep.new_tokens < self.max_new_tokens:
+                self.append(ep, [self.turn_end], sampled=False)  # close the final turn, as the model would
+            self.finish(ep, reason)
+        ep._turn_clock = time.perf_counter()
+        return response
+
+    def finish(self, ep: Episode, reason: str, step=None) -> None:
+        """End `ep` (`step`: its last turn, parsed, when the caller has it)."""
+        if step is None:
+            step = parse_step(self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True))
+        ep.trace.final_turn = step.text
         ep.trace.answer = step.answer
         # "answer" means an answer was given: a closing tag without an opening one is no answer.
         ep.trace.stop_reason = "no_answer" if reason == "answer" and step.answer is None else reason
 
-    def prepare_tool_call(self, ep: Episode) -> dict | None:
-        """Answer the turn's tool call (crops, or an error the model reads) and queue the response.
-        Returns the crops to encode, or None (no crops, or the episode ended instead)."""
+    def prepare_tool_call(self, ep: Episode, step: Step | None = None) -> ToolResponse | None:
+        """Answer the turn's tool call (crops, or an error the model reads) and queue the response (`step`: the
+        turn, parsed, when the caller has it). Returns the response when it has crops to encode, else None (no
+        crops, or the episode ended instead)."""
         started = time.perf_counter()
+        if step is None:
+            step = parse_step(self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True), self.max_regions)
         if ep.rounds >= self.max_rounds:
-            self.finish(ep, "max_rounds")
+            self.finish(ep, "max_rounds", step)
             return None
-        turn_text = self.tokenizer.decode(ep.turn_ids, skip_special_tokens=True)
         response = tool_response(
             ep,
             self.processor,
-            turn_text,
+            step,
             final=ep.rounds + 1 >= self.max_rounds,
             max_regions=self.max_regions,
             turn_closed=ep.ids[-1] in self.eos_ids,
         )
-        if response.trace.error is not None and self.processor.prompts.on_error == "end":
+        turn_tokens = len(ep.turn_ids)
+        if response.error is not None and self.processor.prompts.on_error == "end":
             # The authors' RL rollout: a failed call ends the trajectory, with no tool response.
-            response.trace.generated_tokens = len(ep.turn_ids)
             if self.turn_end is not None and ep.ids[-1] not in self.eos_ids and ep.new_tokens < self.max_new_tokens:
                 self.append(ep, [self.turn_end], sampled=False)  # close the turn, as the model would
-            ep.rounds += 1
-            ep.trace.rounds.append(response.trace)
-            self.finish(ep, "tool_error")
+            response.ids = []
+            ep.add_tool_response(response, turn_tokens, started - ep._turn_clock, time.perf_counter() - started)
+            self.finish(ep, "tool_error", step)
             return None
         if ep.new_tokens + len(response.ids) > self.max_new_tokens:
-            self.finish(ep, "max_new_tokens")
+            self.finish(ep, "max_new_tokens", step)
             return None
-        turn_tokens = len(ep.turn_ids)
-        ep.add_tool_response(response)
+        ep.add_tool_response(response, turn_tokens, started - ep._turn_clock, time.perf_counter() - started)
         self.append(ep, response.ids, sampled=False, grids=response.grids)
-        record = response.trace
-        record.generated_tokens, record.injected_tokens = turn_tokens, len(response.ids)
-        record.seconds_decode, record.seconds_tool = started - ep._turn_clock, time.perf_counter() - started
-        ep.trace.rounds.append(record)
         ep.turn_start = len(ep.ids)
-        if response.pixel_values is None:
-            return None
-        return {
-            "pixel_values": response.pixel_values,
-            "image_grid_thw": torch.tensor(response.grids, dtype=torch.long),
-            "query_ids": response.query_ids,
-            "query_attention_mask": response.query_mask,
-        }
+        return response if response.pixel_values is not None else None
 
-    def encode_crops(self, episodes: list[Episode], requests: dict[int, dict]) -> None:
+    def encode_crops(self, episodes: list[Episode], requests: dict[int, ToolResponse]) -> None:
         """Encode the new crops of all rows in one vision call (each row's crops grouped with its query)."""
         if not requests:
             return
         started = time.perf_counter()
-        rows = list(requests)
-        grids = torch.cat([requests[r]["image_grid_thw"] for r in rows])
-        mapping = torch.cat(
-            [torch.full((len(requests[r]["image_grid_thw"]),), i, dtype=torch.long) for i, r in enumerate(rows)]
+        batch = batch_vision(
+            [
+                {
+                    "pixel_values": response.pixel_values,
+                    "image_grid_thw": response.grids,
+                    "query_ids": response.query_ids[None],
+                    "query_attention_mask": response.query_mask[None],
+                    "image_to_query_mapping": torch.zeros(len(response.grids), dtype=torch.long),
+                }
+                for response in requests.values()
+            ]
         )
         with torch.no_grad():
             features = self.model.model.get_image_features(
-                torch.cat([requests[r]["pixel_values"] for r in rows]).to(self.device),
-                grids.to(self.device),
-                query_ids=torch.stack([requests[r]["query_ids"] for r in rows]).to(self.device),
-                query_attention_mask=torch.stack([requests[r]["query_attention_mask"] for r in rows]).to(self.device),
-                image_to_query_mapping=mapping.to(self.device),
+                **{key: value.to(self.device) for key, value in batch.items()}
             ).pooler_output
-        counts = [len(requests[r]["image_grid_thw"]) for r in rows]
-        per_row = [torch.cat(features[sum(counts[:i]) : sum(counts[: i + 1])]) for i in range(len(rows))]
         elapsed = time.perf_counter() - started
-        for r, row_features in zip(rows, per_row):
-            episodes[r].pending_features = row_features
-            episodes[r].trace.rounds[-1].seconds_tool += elapsed
+        start = 0
+        for r, response in requests.items():
+            episodes[r].pending_features = torch.cat(features[start : start + len(response.grids)])
+            episodes[r].trace.rounds[-1].seconds_tool += elapsed  # the batch's encode, shared by its rows
+            start += len(response.grids)
 
     # ---- driver ---------------------------------------------------------------------------------
 
@@ -640,20 +658,9 @@ class ChatSession:
                 reason = self.stop_reason(ep, tokens[r], r, history)
                 if reason is None:
                     continue
-                if reason == "eos" and TOOL_OPEN in self.tokenizer.decode(ep.turn_ids):
-                    reason = "tool"  # an attempted call that never closed: the model reads why it failed
-                if reason == "tool":
-                    request = self.prepare_tool_call(ep)
-                    if request is not None:
-                        requests[r] = request
-                    ep.waiting = not ep.done and not self.incremental
-                elif reason == "eos":
-                    self.finish(ep, "answer" if parse_step(self.tokenizer.decode(ep.turn_ids)).answer else "eos")
-                else:
-                    if reason == "answer" and self.turn_end is not None and ep.new_tokens < self.max_new_tokens:
-                        self.append(ep, [self.turn_end], sampled=False)  # close the final turn, as the model would
-                    self.finish(ep, reason)
-                ep._turn_clock = time.perf_counter()
+                response = self.end_turn(ep, reason)
+                if response is not None:
+                    requests[r] = response
                 if ep.done or ep.waiting:
                     leaving.add(r)
 
@@ -727,12 +734,12 @@ def episodes_from_inputs(
         attention_mask = torch.ones_like(input_ids)
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
     per_row_images = [row.count(config.vision_start_token_id) for row in rows]
-    grids = image_grid_thw.tolist() if image_grid_thw is not None else []
+    grids = image_grid_thw.cpu() if image_grid_thw is not None else torch.zeros((0, 3), dtype=torch.long)
     if sum(per_row_images) != len(grids):
         raise ValueError(
             f"input_ids hold {sum(per_row_images)} images (<|vision_start|> tokens) but image_grid_thw has {len(grids)} rows"
         )
-    pixel_chunks = list(pixel_values.cpu().split([t * h * w for t, h, w in grids])) if grids else []
+    pixel_chunks = list(pixel_values.cpu().split(grids.prod(-1).tolist())) if len(grids) else []
     if images is not None:
         if len(images) != len(rows) or any(len(imgs) != n for imgs, n in zip(images, per_row_images)):
             raise ValueError(
@@ -741,10 +748,10 @@ def episodes_from_inputs(
                 f"for {len(rows)} rows"
             )
         originals = [open_image(image) for row in images for image in row]
-    elif grids:
+    elif len(grids):
         logger.warning_once(
-            "generate() got no original images (`images=`); crops are taken from the displayed images, "
-            "at their lower resolution."
+            "generate() got no original images (`images=`, which the processor's outputs carry); crops are taken "
+            "from the displayed images, at their lower resolution."
         )
         originals = pixels_to_images(pixel_values, grids, processor.image_processor)
     else:
@@ -764,7 +771,7 @@ def episodes_from_inputs(
         row_grids = grids[start : start + count]
         row_mapping = mapping[start : start + count]
         used = sorted(set(row_mapping))
-        ledger = ImageLedger(originals[start : start + count], [(w * patch, h * patch) for _, h, w in row_grids])
+        ledger = ImageLedger(originals[start : start + count], [(w * patch, h * patch) for _, h, w in row_grids.tolist()])
         episodes.append(
             Episode(
                 ids,
@@ -778,9 +785,6 @@ def episodes_from_inputs(
         )
         start += count
     return episodes
-
-
-__all__ = ["ChatSession", "Episode", "Trace", "RoundTrace", "ViLaVTGenerateOutput", "full_inputs", "episodes_from_inputs"]
 
 
 def control_token_ids(config, tokenizer) -> set[int]:
@@ -873,6 +877,7 @@ class ViLaVTChatMixin:
         image_to_query_mapping: torch.LongTensor | None = None,
         *,
         images: list | None = None,
+        originals: list | None = None,
         processor=None,
         tool_loop: bool = True,
         max_rounds: int = 5,
@@ -896,8 +901,9 @@ class ViLaVTChatMixin:
             input_ids, attention_mask, pixel_values, image_grid_thw, query_*, image_to_query_mapping:
                 the processor's outputs for a batch of conversations (`apply_chat_template(...,
                 tokenize=True, return_dict=True)`).
-            images: per row, the original images (paths or PIL) to crop from at full resolution. Without
-                them crops come from the displayed images (lower resolution; a warning is logged).
+            images: per row, the original images (paths, URLs or PIL) to crop from at full resolution. Default:
+                `originals`, which the processor's outputs carry, so `generate(**inputs)` crops from the originals.
+                Without either, crops come from the displayed images (lower resolution; a warning is logged).
             processor: the ViLaVT processor (default: the one saved with the checkpoint).
             tool_loop: False decodes with transformers' own `generate` (no tool calls): beam search, assisted
                 decoding, static caches, `output_scores` + `compute_transition_scores`, ... This is also what
@@ -945,7 +951,7 @@ class ViLaVTChatMixin:
         self._prepare_special_tokens(generation_config, attention_mask is not None, device=self.device)
         episodes = episodes_from_inputs(
             self.config, processor, input_ids, attention_mask, pixel_values, image_grid_thw,
-            query_ids, query_attention_mask, image_to_query_mapping, images,
+            query_ids, query_attention_mask, image_to_query_mapping, originals if images is None else images,
         )  # fmt: skip
         copies = generation_config.num_return_sequences or 1
         episodes = [ep if i == 0 else ep.clone() for ep in episodes for i in range(copies)]
@@ -1007,3 +1013,18 @@ class ViLaVTChatMixin:
         output = self.generate(**inputs, images=[originals], processor=processor, **generate_kwargs)
         trace = output.traces[0]
         return trace.answer, trace
+
+
+__all__ = [
+    "ViLaVTChatMixin",
+    "ChatSession",
+    "Episode",
+    "ToolResponse",
+    "tool_response",
+    "Trace",
+    "RoundTrace",
+    "ViLaVTGenerateOutput",
+    "full_inputs",
+    "episode_vision",
+    "episodes_from_inputs",
+]

@@ -183,7 +183,7 @@ def pixels_to_images(pixel_values, grids, image_processor) -> list[Image.Image]:
     std = torch.tensor(image_processor.image_std).view(3, 1, 1)
     patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
     images, start = [], 0
-    for t, h, w in grids:
+    for t, h, w in grids.tolist() if torch.is_tensor(grids) else grids:
         rows = pixel_values[start : start + t * h * w].float().cpu()
         start += t * h * w
         x = rows[: h * w].view(h // merge, w // merge, merge, merge, 3, temporal, patch, patch)[..., 0, :, :]

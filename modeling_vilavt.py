@@ -421,6 +421,7 @@ class ViLaVTModel(Qwen2_5_VLModel):
         image_to_query_mapping: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         mm_encoder_outputs: dict | None = None,
+        originals: list | None = None,  # the images the processor carries for generate's crops; not used here
         **kwargs,
     ):
         if pixel_values is not None:

@@ -69,12 +69,13 @@ def check_episode(model, processor, episode, trace, limits: dict) -> None:
     assert episode.new_tokens <= limits["max_new_tokens"]
     new = episode.ids[episode.prompt_length :]
     sampled = [t for t, s in zip(new, episode.sampled[episode.prompt_length :]) if s]
+    injected = [t for t, s in zip(new, episode.sampled[episode.prompt_length :]) if not s]
     ids = lambda token: tokenizer.convert_tokens_to_ids(token)  # noqa: E731
     # The model never wrote a control token; every tool response is one user turn and one assistant header.
     control = {ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>")}
     assert not control & set(sampled)
     assert new.count(ids("<|im_start|>")) == 2 * len(trace.rounds)
-    assert new.count(ids("<tool_response>")) == len(trace.rounds)
+    assert injected.count(ids("<tool_response>")) == len(trace.rounds)
     # Images in the sequence: the originals, then every round's crops, each with its own index.
     crops = [index for rnd in trace.rounds for index in rnd.crop_indices]
     assert crops == list(range(len(trace.originals), len(trace.originals) + len(crops)))

@@ -110,6 +110,10 @@ def build_episode(row: dict, processor, config, image_root=None, max_rounds: int
         raise TrajectoryError(f"{name}: the last turn must give the answer")
     tokenizer = processor.tokenizer
 
+    def model_text(text: str) -> list[int]:
+        # What the model writes is text: a special-token string in it is spelled out, as the loop's sampling would.
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
     def extend(ids, trained):
         episode.ids += ids
         episode.sampled += [trained] * len(ids)
@@ -119,21 +123,21 @@ def build_episode(row: dict, processor, config, image_root=None, max_rounds: int
         if "answer" in turn:
             if k != len(turns) - 1:
                 raise TrajectoryError(f"{where}: only the last turn may answer")
-            extend(tokenizer.encode(render_answer(str(turn["answer"]), turn.get("thought", "")), add_special_tokens=False), True)
+            extend(model_text(render_answer(str(turn["answer"]), turn.get("thought", ""))), True)
             extend(tokenizer.encode(TURN_END, add_special_tokens=False), True)
             break
         if k >= budget:
             raise TrajectoryError(f"{where}: more tool calls than the round budget ({budget})")
         regions = [(r["index"], _display_box(r, episode, where)) for r in turn.get("regions", [])]
         text = render_tool_call(regions, turn.get("query", ""), turn.get("thought", ""))
-        extend(tokenizer.encode(text, add_special_tokens=False), True)
+        written = model_text(text)
+        extend(written, True)
         response = tool_response(episode, processor, text, final=k + 1 >= budget)
-        if response.trace.error is not None:
-            raise TrajectoryError(f"{where}: the tool call fails on replay: {response.trace.error}")
-        episode.add_tool_response(response)
+        if response.error is not None:
+            raise TrajectoryError(f"{where}: the tool call fails on replay: {response.error}")
+        episode.add_tool_response(response, generated_tokens=len(written))
         extend(response.ids[: response.closing], True)
         extend(response.ids[response.closing :], False)
-        episode.trace.rounds.append(response.trace)
     episode.turn_start = len(episode.ids)
     return episode
 
