@@ -82,8 +82,8 @@ def test_extracted_answers_are_the_authors():
 
 # Each option's class: which rows it changes and how (the option alone, the others as the authors').
 OPTION_CLASSES = {
-    # A call our tool rejects (bbox numbers as strings, index as a string) earns no format credit.
-    "tool_format": (163, {"tool index as string": 90, "tool bbox as strings": 73}),
+    # A call our tool rejects (index as a string) earns no format credit; bbox numbers as strings it runs.
+    "tool_format": (90, {"tool index as string": 90}),
     # No <answer> in the scored turn: no answer (the authors score the whole text).
     "answer_tag": (94, {"boxed in text": 38, "bare text": 34, "unclosed answer": 12, "answer without tags": 10}),
     # free text / free-form answers equal after normalisation score 1 (the authors: 0 for these types).
@@ -119,9 +119,9 @@ def test_defaults_differ_only_on_the_option_classes():
     for option in OPTION_CLASSES:
         union |= set(differing(**{**AUTHORS, option: DEFAULTS[option]}))
     rows = differing(**DEFAULTS)
-    assert len(rows) == 406 and set(rows) <= union
-    # The reward itself (overall) moves on 326 of them.
-    assert sum(ours(ROWS[i])[0] != ROWS[i]["authors_score"] for i in rows) == 326
+    assert len(rows) == 339 and set(rows) <= union
+    # The reward itself (overall) moves on 297 of them.
+    assert sum(ours(ROWS[i])[0] != ROWS[i]["authors_score"] for i in rows) == 297
 
 
 # ---- behaviour the rows exercise, spelled out --------------------------------------------------------------

@@ -107,7 +107,8 @@ def call(index=0, box=(0, 0, 9, 9), query='"q"') -> str:
     [
         (TOOL, True, True),
         (call(index='"0"'), True, False),
-        (call(box=("10", "20", "300", "40")).replace("'", '"'), True, False),  # strings compare as text
+        (call(box=("10", "20", "300", "40")).replace("'", '"'), True, True),  # strings: as text / as numbers
+        (call(box=("9", "0", "10", "5")).replace("'", '"'), False, False),  # "9" > "10" as text
         (call(box=(1, "2", 3, 4)).replace("'", '"'), False, False),  # a number against a string
         (call(query='" "'), False, False),
         ("<think>a<think>b</think></think><answer>C</answer>", True, True),  # nesting is allowed

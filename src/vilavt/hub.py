@@ -23,7 +23,7 @@ EXCLUDED_FILES = (
     "*.pyc", ".*", "optimizer.pt", "optimizer.bin", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
     "training_args.bin", "scaler.pt", "*optim_states.pt",
 )  # fmt: skip
-REQUIRED = ("config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py")
+REQUIRED = ("config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py", "prompts_vilavt.py")
 CARD = "README.md"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -18,7 +18,7 @@ and rollout fields as keyword arguments and returns one float per completion:
 Where we deliberately differ from the authors, a keyword restores their behaviour (`AUTHORS` holds them all):
 
 * `tool_format="executable"` (authors: "authors") — a turn's tool call earns format credit only if our
-  tool would run it (`protocol_vilavt.parse_tool_call`: numbers, an integer index): our rollouts feed a
+  tool would run it (`protocol_vilavt.parse_tool_call`: numbers or numeric strings, an integer index): our rollouts feed a
   failed call's error back to the model instead of ending the episode, which is what made such a call
   cost the authors' model its whole reward.
 * `answer_tag="required"` (authors: "optional") — a turn without `<answer>…</answer>` has no answer; the
