@@ -96,9 +96,8 @@ def _chat(argv: list[str]) -> int:
     from .demo import chat
     from .remote_code.processing_vilavt import open_image
 
-    for image in args.image:  # a missing or unreadable image fails before the model loads
-        open_image(image)
-    chat(args.image, args.question, args.model, args.out, args.max_rounds)
+    images = [open_image(image) for image in args.image]  # a bad image fails before the model loads
+    chat(images, args.question, args.model, args.out, args.max_rounds)
     return 0
 
 
