@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from vilavt.demo import SHIPPED, export
 
@@ -81,8 +81,6 @@ def checkpoint(folder: Path, weights: bytes | None = None, config=None, drop=(),
 def weights_with_a_wrong_shape() -> bytes:
     weights = load_file(SHIPPED / "model.safetensors")
     weights["lm_head.weight"] = weights["lm_head.weight"][:, :-1].contiguous()
-    from safetensors.torch import save
-
     return save(weights, metadata={"format": "pt"})
 
 
@@ -154,11 +152,6 @@ def plug_in_folder(folder: Path, **changes) -> Path:
     return folder
 
 
-def official_like(folder: Path, **kwargs) -> Path:
-    """A folder for `convert` / `init`: the shipped checkpoint's layout (config, weights, tokenizer)."""
-    return checkpoint(folder, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     """Every case's (exit code, stderr), run in one fresh interpreter."""
@@ -228,7 +221,7 @@ def outcomes(tmp_path_factory):
         "chat:image-not-an-image": ["chat", "--image", str(root / "not-an-image.png"), "--question", "Q"],
     })  # fmt: skip
 
-    no_tokenizer = official_like(root / "base-no-tokenizer", drop=("tokenizer.json", "tokenizer_config.json"))
+    no_tokenizer = checkpoint(root / "base-no-tokenizer", drop=("tokenizer.json", "tokenizer_config.json"))
     init_out = str(root / "init-out")
     cases.update({
         "init:base-missing": ["init", "--base", str(root / "nope"), "--encoder", str(good), "--out", init_out],
@@ -252,7 +245,7 @@ def outcomes(tmp_path_factory):
         "a-file": root / "a.png",
         "weights-cut": plug_in_folder(root / "push-cut", model__safetensors=SHIPPED_WEIGHTS[:1000]),
         "config-not-json": plug_in_folder(root / "push-config", config__json="{"),
-        "no-tokenizer": plug_in_folder(root / "push-no-tokenizer", tokenizer__json="{"),
+        "no-tokenizer": plug_in_folder(root / "push-no-tokenizer"),
     }
     (push_folders["no-tokenizer"] / "tokenizer.json").unlink()
     (push_folders["no-tokenizer"] / "tokenizer_config.json").unlink()
@@ -322,6 +315,11 @@ def test_one_line_error(outcomes, name):
     assert len(lines) == 1, f"{name}: {len(lines)} stderr lines:\n{stderr}"
     assert lines[0].startswith(f"vilavt {command}: error: " if command in COMMANDS else "vilavt: error: "), lines[0]
     assert MENTIONS.get(name, "") in lines[0], lines[0]
+
+
+def test_every_case_is_checked(outcomes):
+    _, cases, _ = outcomes
+    assert set(cases) - set(CASE_NAMES) == {"control:synth-eval-on-a-good-copy"} and set(CASE_NAMES) <= set(cases)
 
 
 def test_the_checks_pass_a_good_copy_and_write_nothing_on_failure(outcomes):

@@ -156,10 +156,12 @@ def read_benchmark_records(path) -> list[dict]:
     else:
         records = decode_json(text, path, error=BenchmarkError)
     if not isinstance(records, list):
-        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question), got {type(records).__name__}")
+        kind = type(records).__name__
+        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question), got {kind}")
     for position, record in enumerate(records):
         if not isinstance(record, dict):
-            raise BenchmarkError(f"{path}: item {position} is {type(record).__name__}, not an object (one per question)")
+            kind = type(record).__name__
+            raise BenchmarkError(f"{path}: item {position} is {kind}, not an object (one per question)")
     return records
 
 
@@ -865,12 +867,14 @@ def eval_argument_parser() -> CommandParser:
     parser.add_argument("--model", help="checkpoint folder, or tiny / tiny:SEED (required unless --dry-run)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=1)
     parser.add_argument("--max-rounds", type=int_at_least(0), default=5, help="tool calls allowed per answer")
-    parser.add_argument("--avg-k", type=int_at_least(1), default=1, help="samples per item (Avg@k; sampling when k > 1)")
+    parser.add_argument("--avg-k", type=int_at_least(1), default=1,
+                        help="samples per item (Avg@k; sampling when k > 1)")  # fmt: skip
     parser.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N items")
     parser.add_argument("--out", default=None, help="results JSONL (resumable; default BENCHMARK.MODEL.results.jsonl)")
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="all new tokens of one answer")
     parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
-    parser.add_argument("--max-pixels", type=int_at_least(1), default=None, help="pixel budget the original images share")
+    parser.add_argument("--max-pixels", type=int_at_least(1), default=None,
+                        help="pixel budget the original images share")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
     return parser
@@ -887,7 +891,8 @@ def eval_main(argv: list[str]) -> int:
         print(json.dumps(dry_run(args.benchmark, args.image_root)))
         return 0
     out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
-    read_results(out, benchmark_name(args.benchmark))  # a broken benchmark or results file fails before the model loads
+    # A broken results or benchmark file fails before the model loads.
+    read_results(out, benchmark_name(args.benchmark))
     load_benchmark(args.benchmark)
     from .demo import load
 

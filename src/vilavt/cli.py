@@ -106,7 +106,8 @@ def _synth_eval(argv: list[str]) -> int:
 
     parser = CommandParser(prog="vilavt synth-eval", description="accuracy on held-out synthetic zoom tasks")
     parser.add_argument("--n", type=int_at_least(1), default=100, help="tasks")
-    parser.add_argument("--seed", type=int_at_least(0), default=10_000_000, help="first task seed (training uses seeds below 10^7)")
+    parser.add_argument("--seed", type=int_at_least(0), default=10_000_000,
+                        help="first task seed (training uses seeds below 10^7)")  # fmt: skip
     parser.add_argument("--type", type=choice_list(KINDS + CURRICULUM), default=["single"],
                         help="single, multi, nested (or direct), or a comma-separated mix")  # fmt: skip
     parser.add_argument("--no-tools", action="store_true", help="a single look: the model may not call the tool")
@@ -209,7 +210,8 @@ def _push(argv: list[str]) -> int:
     files = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, dry_run=args.dry_run,
                  base_model=args.base_model)  # fmt: skip
     for name in files:
-        print(f"{name}  ({'would add' if args.dry_run else 'added'}: the model card)" if name == CARD and adds_card else name)
+        added = f"  ({'would add' if args.dry_run else 'added'}: the model card)" if name == CARD and adds_card else ""
+        print(name + added)
     print(f"{'would upload' if args.dry_run else 'uploaded'} {len(files)} files to {args.repo_id}")
     return 0
 

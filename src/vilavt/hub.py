@@ -23,7 +23,9 @@ EXCLUDED_FILES = (
     "*.pyc", ".*", "optimizer.pt", "optimizer.bin", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
     "training_args.bin", "scaler.pt", "*optim_states.pt",
 )  # fmt: skip
-REQUIRED = ("config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py", "prompts_vilavt.py")
+REQUIRED = (
+    "config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py", "prompts_vilavt.py",
+)  # fmt: skip
 CARD = "README.md"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -103,7 +105,8 @@ def push(folder, repo_id: str, private: bool = False, commit_message: str = "Upl
         api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", allow_patterns=files, commit_message=commit_message
+        folder_path=str(folder), repo_id=repo_id, repo_type="model", allow_patterns=files,
+        commit_message=commit_message,
     )
     logger.info("uploaded %d files to %s", len(files), repo_id)
     return files

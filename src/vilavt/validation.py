@@ -34,7 +34,8 @@ def decode_json(text: str, where, line_offset: int = 0, error: type[InputError] 
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(f"{where}: invalid JSON at line {err.lineno + line_offset}, column {err.colno}: {err.msg}") from None
+        line = err.lineno + line_offset
+        raise error(f"{where}: invalid JSON at line {line}, column {err.colno}: {err.msg}") from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply (near line {line_offset + 1})") from None
 
