@@ -612,10 +612,10 @@ def parse_result_line(line: bytes) -> dict | None:
     return record
 
 
-def read_results(path, benchmark: str) -> dict:
+def read_results(path, benchmark: str, warn: bool = True) -> dict:
     """(id, sample) → the latest record in a results file (none if it does not exist). A line that is not a
-    record (an interrupted write, cut anywhere, even inside a character) is skipped with a warning; records
-    of another benchmark are an error."""
+    record (an interrupted write, cut anywhere, even inside a character) is skipped, with a warning if `warn`;
+    records of another benchmark are an error."""
     path = Path(path)
     records = {}
     if not path.exists():
@@ -625,7 +625,8 @@ def read_results(path, benchmark: str) -> dict:
             continue
         record = parse_result_line(line)
         if record is None:
-            logger.warning("%s:%d: unreadable result line skipped (an interrupted write?)", path, number)
+            if warn:
+                logger.warning("%s:%d: unreadable result line skipped (an interrupted write?)", path, number)
             continue
         if record.get("benchmark") != benchmark:
             raise BenchmarkError(
@@ -891,8 +892,8 @@ def eval_main(argv: list[str]) -> int:
         print(json.dumps(dry_run(args.benchmark, args.image_root)))
         return 0
     out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
-    # A broken results or benchmark file fails before the model loads.
-    read_results(out, benchmark_name(args.benchmark))
+    # A broken results or benchmark file fails before the model loads (run_eval reads them again, and warns).
+    read_results(out, benchmark_name(args.benchmark), warn=False)
     load_benchmark(args.benchmark)
     from .demo import load
 
