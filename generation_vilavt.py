@@ -840,6 +840,18 @@ class ViLaVTChatMixin:
     QUERY_INPUTS = ("query_ids", "query_attention_mask", "image_to_query_mapping")
     _vilavt_processor = None
 
+    def add_model_tags(self, tags) -> None:
+        # TRL's stock GRPOTrainer tags the model "grpo" when it is built. Its scoring pass knows only the prompt's
+        # images, not the crops a ViLaVT rollout adds, so it would fail after the first rollouts: say so now.
+        # ViLaVT's GRPO trainer tags it "vilavt" too.
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        if "grpo" in tags and "vilavt" not in tags:
+            raise ValueError(
+                "TRL's GRPOTrainer cannot train ViLaVT: its scoring pass sees only the prompt's images, not the crops "
+                "a rollout adds. Use `vilavt grpo --config ...` (vilavt.train.grpo.ViLaVTGRPOTrainer)."
+            )
+        super().add_model_tags(tags)
+
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         # The query inputs reach the vision tower through the parent forward's **kwargs, which the check cannot see.
         super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in self.QUERY_INPUTS})

@@ -38,7 +38,7 @@ def limit(model, episode):
 
     ids = episode.ids
     prompt = Episode(ids[: episode.prompt_length], episode.pixel_rows[:1], episode.grids[:1], episode.query_ids[:1],
-                     episode.query_mask[:1], [""], [0], episode.ledger)
+                     episode.query_mask[:1], [0], episode.ledger)
     inputs = full_inputs([prompt], 0)
     mm = model.model.mm_token_type_ids(inputs["input_ids"])
     positions, deltas = model.model.get_rope_index(inputs["input_ids"], mm, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
@@ -71,7 +71,7 @@ def limit(model, episode):
             continue
         segment = ids[i - 1 : j]
         count = sum(1 for t in segment if t == model.config.vision_start_token_id)
-        grids = torch.tensor(episode.grids[image_cursor : image_cursor + count])
+        grids = episode.grids[image_cursor : image_cursor + count]
         encoder_outputs = None
         if count:
             start = time.perf_counter()

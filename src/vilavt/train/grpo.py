@@ -82,6 +82,8 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
     the first update of a generation batch, then the policy's drift).
     """
 
+    _tag_names = ["trl", "grpo", "vilavt"]  # the model refuses TRL's stock GRPOTrainer (see ViLaVTChatMixin.add_model_tags)
+
     def __init__(
         self, *args, image_root=None, rollout_kwargs=None, logits_processor_factory=None, skip_zero_advantage=True,
         **kwargs,
