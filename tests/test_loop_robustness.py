@@ -96,17 +96,17 @@ def untrained():
     return tiny_vilavt(seed=7)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_hostile_episodes_end_cleanly(untrained, seed):
     model, processor = untrained
     rng = random.Random(seed)
     episodes = 0
-    while episodes < 40:
+    while episodes < 50:  # 4 seeds: over 200 episodes
         batch = rng.randrange(1, 9)
         images = [[picture(seed=rng.randrange(100))] + ([picture((300, 500), seed=1)] if rng.random() < 0.3 else [])
                   for _ in range(batch)]
         scripted = rng.random() < 0.8
-        limits = {"max_rounds": rng.randrange(0, 5), "max_new_tokens": rng.choice([60, 300, 1500])}
+        limits = {"max_rounds": rng.randrange(0, 5), "max_new_tokens": rng.choice([60, 200, 600])}
         kwargs = dict(do_sample=True, temperature=rng.choice([1.5, 3.0]), top_k=0, **limits)
         if rng.random() < 0.3:
             kwargs["max_turn_tokens"] = rng.choice([5, 40, 200])
