@@ -126,7 +126,8 @@ def test_corrupt_jsonl_names_the_line(tmp_path):
 
 
 def test_trainable_parts():
-    from vilavt.train.common import GRPO_TRAINABLE, SFT_TRAINABLE, set_trainable
+    from vilavt.train.common import set_trainable
+    from vilavt.train.config import GRPO_TRAINABLE, SFT_TRAINABLE
 
     model, _ = tiny_vilavt(seed=1)
     sft = set_trainable(model, SFT_TRAINABLE)
@@ -166,6 +167,11 @@ print(type(model).__name__, trace.stop_reason)
     assert out.startswith("ViLaVTForConditionalGeneration")
 
 
+def question(prompt: list[dict]) -> str:
+    """The question of a GRPO prompt (a conversation whose user turn holds image items, then the text)."""
+    return next(item["text"] for item in prompt[-1]["content"] if item.get("type") == "text")
+
+
 @pytest.fixture(scope="module")
 def grpo_run(data, tmp_path_factory):
     """Two GRPO steps, two generations per prompt; the rollouts call the tool (scripted), one of each
@@ -174,10 +180,12 @@ def grpo_run(data, tmp_path_factory):
 
     model, processor = tiny_vilavt(seed=0)
 
-    def scripted(rows):
+    answers = {row["question"]: row["answer"] for row in TRAJECTORIES}
+
+    def scripted(prompts):
         scripts = [
-            [(2, render_tool_call([(0, [0, 0, 56, 56])], "look", "zoom")), (2, answer_text(row["answer"] if i % 2 == 0 else "Z"))]
-            for i, row in enumerate(rows)
+            [(2, render_tool_call([(0, [0, 0, 56, 56])], "look", "zoom")), (2, answer_text(answers[question(p)] if i % 2 == 0 else "Z"))]
+            for i, p in enumerate(prompts)
         ]
         return LogitsProcessorList([ScriptedPolicy(processor.tokenizer, scripts)])
 
@@ -240,7 +248,7 @@ def test_grpo_updates_move_log_probs_with_the_advantage(grpo_run):
         after, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, ids, mask, batch["completion_ids"].size(1)
         )
-    gained = ((after - batch["vilavt_rollout_logps"]) * trained).sum(dim=1)
+    gained = ((after - batch["sampling_per_token_logps"]) * trained).sum(dim=1)
     advantages = batch["advantages"]
     assert (advantages > 0).any() and (advantages < 0).any()
     assert gained[advantages > 0].min() > gained[advantages < 0].max()

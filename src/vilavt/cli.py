@@ -4,16 +4,17 @@
     vilavt chat --image PATH [--image PATH ...] --question TEXT [--model M] [--out PNG]
     vilavt synth-eval --n N --seed S [--type T] [--no-tools] [--initial-max-pixels P] [--model M]
     vilavt init --base QWEN2_5_VL --encoder QWEN3_EMBEDDING --out DIR     assemble a starting checkpoint
-    vilavt sft  --config FILE.yaml [--key value ...]                         stage 1 (TRL SFTTrainer)
-    vilavt grpo --config FILE.yaml [--key value ...]                         stage 2 (TRL GRPOTrainer)
+    vilavt synth-data --out DIR [--n N]                                      synthetic SFT trajectories + GRPO questions
+    vilavt sft  --config FILE.yaml [--key value ...]                         stage 1 (TRL SFTTrainer; --help: every key)
+    vilavt grpo --config FILE.yaml [--key value ...]                         stage 2 (TRL GRPOTrainer; --help: every key)
     vilavt eval --benchmark FILE.json --image-root DIR --model M [...]      the paper's benchmarks
     vilavt convert SRC DST [--tokenizer DIR] [--query-tokenizer DIR]         official checkpoint -> plug-in folder
     vilavt export DST [--src SRC]                                            a self-contained remote-code folder
     vilavt push DIR REPO_ID [--private] [--dry-run]                          upload a checkpoint folder
 
-Any key of a run config can be overridden on the command line (`--max_steps 3`, `--lora.r 8`). For several
-GPUs, launch through accelerate: `accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml
--m vilavt.cli sft --config examples/configs/sft_7b.yaml`.
+Any key of a run config can be overridden on the command line (`--max_steps 3`, `--lora_r 8`). For several
+processes, launch through accelerate: `accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml
+-m vilavt.cli sft --config examples/configs/sft_7b.yaml` (on CPU: examples/accelerate/cpu_ddp.yaml).
 """
 
 import argparse
@@ -24,17 +25,48 @@ import sys
 
 
 def _train(stage: str, argv: list[str]) -> int:
-    from .train.common import load_run_config, parse_overrides
+    from .train.config import ConfigError, parse_run_config
 
-    parser = argparse.ArgumentParser(prog=f"vilavt {stage}", description=f"{stage.upper()} from a run config")
-    parser.add_argument("--config", required=True, help="YAML run config (see examples/configs)")
-    args, rest = parser.parse_known_args(argv)
-    config = load_run_config(args.config, parse_overrides(rest))
+    try:
+        config = parse_run_config(stage, argv)
+    except ConfigError as err:
+        print(f"vilavt {stage}: error: {err}", file=sys.stderr)
+        return 2
     if stage == "sft":
         from .train.sft import run_sft as run
     else:
         from .train.grpo import run_grpo as run
-    print(f"saved {run(config)}")
+    from .loading import ModelLoadError
+    from .remote_code.processing_vilavt import ImageLoadError
+    from .trajectories import TrajectoryError
+
+    try:
+        print(f"saved {run(config)}")
+    except (ConfigError, ModelLoadError, TrajectoryError, ImageLoadError) as err:
+        print(f"vilavt {stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _synth_data(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vilavt synth-data", description="synthetic zoom tasks for the training quickstart (train.jsonl + rl.jsonl)"
+    )
+    parser.add_argument("--out", required=True, help="folder (examples/configs/*_tiny.yaml read outputs/synth)")
+    parser.add_argument("--n", type=int, default=200, help="gold trajectories for SFT (every task kind)")
+    parser.add_argument("--rl-n", type=int, default=None, help="questions with answers for GRPO (default: --n)")
+    parser.add_argument("--seed", type=int, default=0, help="first task seed (keep below 10^7: held-out tasks start there)")
+    parser.add_argument("--model", default="tiny-demo", help="the model whose image budget the tasks are laid out for")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing the images")
+    args = parser.parse_args(argv)
+    if args.n < 1 or (args.rl_n is not None and args.rl_n < 1):
+        parser.error("--n and --rl-n must be at least 1")
+    from .loading import load_model_and_processor
+    from .synthetic import write_training_sets
+
+    _, processor = load_model_and_processor(args.model)
+    for split, path in write_training_sets(args.out, args.n, processor, args.rl_n, args.seed, max(1, args.workers)).items():
+        print(f"wrote {path} ({split})")
     return 0
 
 
@@ -48,6 +80,9 @@ def _init(argv: list[str]) -> int:
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    indexes = [i.strip() for i in args.fullatt_block_indexes.split(",") if i.strip()]
+    if not all(i.isdigit() for i in indexes):
+        parser.error(f"--fullatt-block-indexes: expected comma-separated block numbers, got {args.fullatt_block_indexes!r}")
     from .checkpoints import init_from_base
 
     out = init_from_base(
@@ -55,7 +90,7 @@ def _init(argv: list[str]) -> int:
         args.encoder,
         args.out,
         integration_point=args.integration_point,
-        fullatt_block_indexes=[int(i) for i in args.fullatt_block_indexes.split(",") if i],
+        fullatt_block_indexes=[int(i) for i in indexes],
         dtype=args.dtype,
         seed=args.seed,
     )
@@ -168,6 +203,7 @@ COMMANDS = {
     "chat": _chat,
     "synth-eval": _synth_eval,
     "init": _init,
+    "synth-data": _synth_data,
     "sft": lambda argv: _train("sft", argv),
     "grpo": lambda argv: _train("grpo", argv),
     "eval": _eval,

@@ -157,9 +157,12 @@ def accuracy_reward(completions, answer, problem_type, **kwargs) -> list[float]:
 def make_vilavt_reward(acc_weight: float = 0.5, format_weight: float = 0.5):
     """`acc_weight * acc + format_weight * format` if acc > 0 else 0 (the paper's reward with its weights)."""
 
-    def vilavt_reward(completions, answer, problem_type, **kwargs) -> list[float]:
+    def vilavt_reward(completions, answer, problem_type, log_metric=None, **kwargs) -> list[float]:
         accuracy = accuracy_reward(completions, answer, problem_type)
         formats = format_reward(completions)
+        if log_metric is not None:  # TRL's GRPOTrainer: log the two parts beside the reward
+            log_metric("vilavt/accuracy", sum(accuracy) / len(accuracy))
+            log_metric("vilavt/format_rate", sum(formats) / len(formats))
         return [acc_weight * a + format_weight * f if a > 0 else 0.0 for a, f in zip(accuracy, formats)]
 
     return vilavt_reward
