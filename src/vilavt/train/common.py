@@ -4,6 +4,8 @@ saving remote-code checkpoints. Run configs are in `vilavt.train.config`."""
 import logging
 import os
 
+import torch
+
 from ..loading import load_model_and_processor
 from .config import LORA_TARGETS, PARTS, LoraArguments, ModelArguments
 
@@ -63,10 +65,52 @@ def apply_lora(model, lora: LoraArguments):
     return get_peft_model(model, config)
 
 
+def engage_fsdp_on_cpu(args) -> None:
+    """Let accelerate's FSDP plugin run on CPU processes (gloo), e.g. `accelerate launch --config_file
+    examples/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no` on a machine without GPUs.
+
+    accelerate switches to FSDP only from a GPU-type process group; on CPU it leaves the processes unsharded and
+    unsynchronised (distributed type NO or MULTI_CPU), although torch's FSDP2 runs on gloo. Marking the CPU process
+    group as the multi-device type makes accelerate's own FSDP path (FSDP2 `fully_shard`, its state-dict gathering)
+    take over; nothing else changes."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    args.device  # creates the process group (gloo, see ViLaVT*Config)
+    state = PartialState()
+    if state.num_processes > 1 and state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
+def gather_lm_head_for_fsdp(model) -> None:
+    """Under FSDP2, gather the LM head's shard unit at the start of every forward.
+
+    accelerate gives `lm_head` (with the final norm, when it finds one) its own FSDP2 unit, which gathers its weight
+    when one of those modules runs forward. It does not find Qwen2.5-VL's final norm (inside `language_model`), and
+    TRL's fused LM head reads `lm_head.weight` without calling `lm_head`: the weight would stay a sharded DTensor,
+    and TRL's `full_tensor()` would leave its gradient unreduced across processes (each process would update its
+    shard of the head with its own batch only). Gathered, the fused head reads the plain weight and FSDP
+    reduce-scatters its gradient like every other one."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def gather(module, args, kwargs):
+        head = module.get_output_embeddings()
+        if isinstance(head, FSDPModule):
+            head.unshard()  # every process runs the same training forwards; a no-op once gathered
+        return None
+
+    model.register_forward_pre_hook(gather, with_kwargs=True)
+
+
 def prepare_model(config, model=None, processor=None):
     """(model, processor) for a run: loaded unless given, the run's parts trainable, LoRA adapters if asked."""
+    engage_fsdp_on_cpu(config.training)
     if model is None:
         model, processor = load_for_training(config.model)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        gather_lm_head_for_fsdp(model)
     counts = set_trainable(model, config.trainable())
     logger.info("trainable parameters per part: %s", counts)
     if config.lora.lora_r:
@@ -99,8 +143,26 @@ def save_final(trainer, folder=None) -> str:
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         if isinstance(model, PeftModel):
             logger.warning("LoRA under FSDP / DeepSpeed: %s holds the adapters, not merged weights", folder)
-        trainer.save_model(folder)  # gathers the sharded weights; the main process writes model and processor
+            trainer.save_model(folder)
+        else:
+            state_dict = accelerator.get_state_dict(trainer.model)  # a collective: every process takes part
+            if accelerator.is_main_process:
+                save_checkpoint(unsharded(model, state_dict), trainer.processing_class, folder)
     elif accelerator.is_main_process:
         save_checkpoint(model, trainer.processing_class, folder)
     accelerator.wait_for_everyone()
     return folder
+
+
+def unsharded(model, state_dict: dict):
+    """A plain instance of `model`'s class holding the gathered `state_dict`. FSDP2 swaps a module's class for a
+    subclass (`FSDPViLaVT…`) whose name transformers does not know, so saving it would skip the conversion back to
+    the checkpoint key layout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state_dict, assign=True)
+    plain.generation_config = model.generation_config
+    return plain

@@ -220,10 +220,10 @@ class ViLaVTParser(TrlParser):
     sections read as their dotted aliases, YAML strings converted by the field's type, and every error one
     `ConfigError` line."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, overrides: dict | None = None):
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-        self.stage = stage
+        self.stage, self.overrides = stage, dict(overrides or {})
         super().__init__(
             (STAGES[stage], ModelArguments, TrainableParts, LoraArguments),
             prog=f"vilavt {stage}",
@@ -243,7 +243,8 @@ class ViLaVTParser(TrlParser):
         close = difflib.get_close_matches(f"--{key}", list(self._option_string_actions), n=1)
         return f" (did you mean {prefix}{close[0][2:]}?)" if close else ""
 
-    def set_defaults_with_config(self, **config) -> list[str]:
+    def resolve(self, config: dict) -> dict:
+        """{field name: value} for a mapping in the YAML file's shape (sections, aliases, strings to convert)."""
         flat = {}
         for key, value in config.items():
             if isinstance(value, dict) and self._option(key) is None:  # a section: `lora: {r: 8}` -> `lora.r`
@@ -264,21 +265,25 @@ class ViLaVTParser(TrlParser):
             values[action.dest] = value
         if unknown:
             raise ConfigError("; ".join(f"unknown key {key!r}{self.suggest(key, prefix='')}" for key in unknown))
-        super().set_defaults_with_config(**values)
+        return values
+
+    def set_defaults_with_config(self, **config) -> list[str]:
+        """The file's values, then the caller's `overrides`, become the defaults the command line overrides."""
+        super().set_defaults_with_config(**{**self.resolve(config), **self.resolve(self.overrides)})
         return []
 
 
 def parse_run_config(stage: str, argv: list[str] | None = None, values: dict | None = None) -> RunConfig:
     """A stage's run config from command-line arguments (`--config FILE.yaml` and `--key value` overrides) and/or a
-    dict in the YAML file's shape (applied as the file would be, under the command line)."""
-    parser = ViLaVTParser(stage)
+    dict in the YAML file's shape (`values`: applied over the file, under the command line)."""
+    parser = ViLaVTParser(stage, values)
     argv = list(argv or [])
-    if values:
-        parser.set_defaults_with_config(**values)
     if "--config" in argv:
         position = argv.index("--config") + 1
         if position >= len(argv) or not Path(argv[position]).is_file():
             raise ConfigError(f"--config {argv[position] if position < len(argv) else ''}: no such file".replace("  ", " "))
+    else:
+        parser.set_defaults_with_config()
     try:
         training, model, parts, lora = parser.parse_args_and_config(argv)
     except ConfigError:
