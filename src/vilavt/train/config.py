@@ -247,7 +247,10 @@ class ViLaVTParser(TrlParser):
         """{field name: value} for a mapping in the YAML file's shape (sections, aliases, strings to convert)."""
         flat = {}
         for key, value in config.items():
-            if isinstance(value, dict) and self._option(key) is None:  # a section: `lora: {r: 8}` -> `lora.r`
+            section = isinstance(value, dict) and (
+                self._option(key) is None or all(self._option(f"{key}.{inner}") for inner in value)
+            )
+            if section:  # `lora: {r: 8}` -> `lora.r` (also `reward_weights: {accuracy: ..}`, not TRL's list)
                 flat.update({f"{key}.{inner}": v for inner, v in value.items()})
             else:
                 flat[key] = value

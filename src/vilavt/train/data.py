@@ -47,6 +47,8 @@ def _root(path, image_root) -> Path:
 
 def _rows(path, image_root, stage: str, shapes: dict, convert):
     """Rows of `path`, each converted by `convert(row, root)`, errors named by line and trajectory id."""
+    if not Path(path).is_file():
+        raise TrajectoryError(f"{path}: no such file")
     root, rows = _root(path, image_root), read_jsonl(path)
     if not rows:
         raise TrajectoryError(f"{path}: no rows")
