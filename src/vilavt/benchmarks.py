@@ -723,7 +723,7 @@ def eval_main(argv: list[str]) -> int:
             print(json.dumps(dry_run(args.benchmark, args.image_root)))
             return 0
         load_benchmark(args.benchmark)  # a broken file fails before the model loads
-        from .train.common import load_model_and_processor
+        from .loading import load_model_and_processor
 
         model, processor = load_model_and_processor(args.model)
         out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
