@@ -1,5 +1,6 @@
 """Training throughput on the CPU cores: one process with 2 threads against 2 processes (accelerate DDP, gloo) with
-one thread each, on the same global batch and data, in the same run. SFT: the shipped checkpoint on gold
+one thread each, on the same global batch and data, in the same run (and one process with one thread, which tells
+how much of the difference is threading rather than a second process). SFT: the shipped checkpoint on gold
 trajectories of the synthetic zoom task (8 per step); GRPO: the shipped recipe's GRPO (4 prompts x 4 rollouts per
 step, sampled at 0.7, dapo, beta 0, zero-advantage rows skipped) from the shipped checkpoint.
 
@@ -79,12 +80,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_variant(folder: Path, data: Path, processes: int, args) -> dict:
-    path = folder / f"configs-{processes}.json"
+def run_variant(folder: Path, data: Path, processes: int, threads: int, args) -> dict:
+    path = folder / f"configs-{processes}-{threads}.json"
     path.write_text(json.dumps(configs(data, folder / f"out-{processes}", processes, args.model, args.sft_steps, args.grpo_steps)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if processes == 1:
-        env["OMP_NUM_THREADS"] = "2"
+        env["OMP_NUM_THREADS"] = str(threads)
         command = [sys.executable, __file__, "--worker", str(path)]
     else:
         env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
@@ -117,15 +118,16 @@ def main():
         _, processor = load_model_and_processor(args.model)
         n = max(SFT_BATCH * args.sft_steps, PROMPTS * args.grpo_steps)
         data = write_training_sets(folder / "data", n, processor, workers=2)["train"].parent
-        one = run_variant(folder, data, 1, args)
-        two = run_variant(folder, data, 2, args)
-    rows = [("sft", f"SFT, {SFT_BATCH} trajectories per step"), ("grpo", f"GRPO, {PROMPTS} prompts x {GENERATIONS} rollouts")]
+        one = run_variant(folder, data, 1, 2, args)
+        two = run_variant(folder, data, 2, 1, args)
+        single = run_variant(folder, data, 1, 1, args)
+    rows = [("sft", f"SFT, {SFT_BATCH} trajectories/step"), ("grpo", f"GRPO, {PROMPTS} prompts x {GENERATIONS} rollouts")]
     results = {}
-    print(f"{'steps/s':44} {'1 process x 2 threads':>22} {'2 processes x 1 thread':>23} {'ratio':>7}")
+    print(f"{'steps/s':32} {'1 proc x 2 threads':>18} {'2 procs x 1 thread':>19} {'ratio':>7} {'1 proc x 1 thread':>18}")
     for stage, label in rows:
-        a, b = 1 / one[stage]["seconds_per_step"], 1 / two[stage]["seconds_per_step"]
-        results[stage] = {"one_process": round(a, 3), "two_processes": round(b, 3), "ratio": round(b / a, 2)}
-        print(f"{label:44} {a:22.3f} {b:23.3f} {b / a:6.2f}x")
+        a, b, c = (1 / run[stage]["seconds_per_step"] for run in (one, two, single))
+        results[stage] = {"one_process_2_threads": round(a, 3), "two_processes": round(b, 3), "ratio": round(b / a, 2), "one_process_1_thread": round(c, 3)}
+        print(f"{label:32} {a:18.3f} {b:19.3f} {b / a:6.2f}x {c:18.3f}")
     print(json.dumps(results))
 
 

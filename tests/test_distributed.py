@@ -18,9 +18,8 @@ import pytest
 import torch
 from conftest import run_python
 from distributed_jobs import run
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from test_training import TRAJECTORIES
+from test_training import TRAJECTORIES, write_images
 
 ROOT = Path(__file__).parent.parent
 ACCELERATE = ROOT / "examples" / "accelerate"
@@ -31,10 +30,7 @@ CONFIGS = ROOT / "examples" / "configs"
 def workload(tmp_path_factory):
     """8 trajectories (4 per step of SFT; 4 prompts x 2 rollouts per step of GRPO) and each prompt's script."""
     folder = tmp_path_factory.mktemp("distributed")
-    scene = Image.new("RGB", (640, 480), "white")
-    ImageDraw.Draw(scene).rectangle((400, 300, 460, 350), outline="red", width=4)
-    scene.save(folder / "scene.png")
-    Image.new("RGB", (300, 500), "navy").save(folder / "navy.png")
+    write_images(folder)
     rows = [dict(row, id=f"{row['id']}-{k}", question=f"{row['question']} ({k})") for k in range(4) for row in TRAJECTORIES]
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     plan = {row["question"]: {"answer": row["answer"], "mode": "mixed" if k % 3 == 0 else "right"} for k, row in enumerate(rows)}

@@ -42,13 +42,18 @@ TRAJECTORIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trajectories")
+def write_images(folder):
+    """The images TRAJECTORIES name: a scene with a red frame, and a navy one."""
     scene = Image.new("RGB", (640, 480), "white")
     ImageDraw.Draw(scene).rectangle((400, 300, 460, 350), outline="red", width=4)
     scene.save(folder / "scene.png")
     Image.new("RGB", (300, 500), "navy").save(folder / "navy.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trajectories")
+    write_images(folder)
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TRAJECTORIES))
     return folder
 

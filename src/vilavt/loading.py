@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 _PRESET = re.compile(r"^tiny(?:-(?P<preset>[a-z]+))?(?::(?P<seed>.*))?$")
 
 
-class ModelLoadError(ValueError):
-    """A model name or checkpoint that cannot be loaded; the message is one line naming it."""
+class ModelLoadError(OSError, ValueError):
+    """A model name or checkpoint that cannot be loaded; the message is one line naming it. An OSError like
+    `from_pretrained`'s own, so every `vilavt` command reports it as one line."""
 
 
 def preset_of(name: str) -> tuple[str, int] | None:

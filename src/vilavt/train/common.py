@@ -132,6 +132,23 @@ def save_checkpoint(model, processor, folder) -> str:
     return folder
 
 
+def run_and_dataset(stage: str, config, train_dataset=None):
+    """(the run config, its training dataset): a dict in the YAML files' shape is parsed like a file; the dataset is
+    read (and checked) from `train_file` unless given."""
+    from .config import ConfigError, run_config
+    from .data import grpo_dataset, load_grpo_rows, load_sft_rows, sft_dataset
+
+    if isinstance(config, dict):
+        config = run_config(stage, config)
+    if train_dataset is None:
+        args = config.training
+        if not args.train_file:
+            raise ConfigError("train_file is required (a JSONL file of training rows, see vilavt.train.data)")
+        load, make = (load_sft_rows, sft_dataset) if stage == "sft" else (load_grpo_rows, grpo_dataset)
+        train_dataset = make(load(args.train_file, args.image_root))
+    return config, train_dataset
+
+
 def save_final(trainer, folder=None) -> str:
     """The run's final remote-code checkpoint (default: `final_dir`, else OUTPUT_DIR/final), written once. Every
     process must call it: under FSDP / DeepSpeed the full weights are gathered from all of them first."""

@@ -25,9 +25,8 @@ from trl.models import unwrap_model_for_generation
 from ..remote_code.generation_vilavt import vision_inputs
 from ..remote_code.processing_vilavt import open_image
 from ..rewards import make_vilavt_reward
-from .common import prepare_model, save_final
-from .config import RunConfig, run_config
-from .data import grpo_dataset, load_grpo_rows
+from .common import prepare_model, run_and_dataset, save_final
+from .config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -285,13 +284,8 @@ def build_grpo_trainer(config: RunConfig | dict, model=None, processor=None, log
     """A ViLaVTGRPOTrainer for a run config (`vilavt.train.config`; a dict in the YAML files' shape also works, see
     examples/configs/grpo_*.yaml). `train_dataset` (rows of `vilavt.train.data.grpo_dataset`) may replace
     `train_file`."""
-    if isinstance(config, dict):
-        config = run_config("grpo", config)
+    config, train_dataset = run_and_dataset("grpo", config, train_dataset)
     args = config.training
-    if train_dataset is None:
-        if not args.train_file:
-            raise ValueError("train_file is required (a JSONL file of questions with answers)")
-        train_dataset = grpo_dataset(load_grpo_rows(args.train_file, args.image_root))
     model, processor = prepare_model(config, model, processor)
     reward = make_vilavt_reward(args.accuracy_weight, args.format_weight)
     return ViLaVTGRPOTrainer(

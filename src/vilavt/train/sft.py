@@ -9,9 +9,8 @@ import logging
 from trl import SFTTrainer
 
 from ..trajectories import TrajectoryCollator
-from .common import prepare_model, save_final
-from .config import RunConfig, run_config
-from .data import load_sft_rows, sft_dataset
+from .common import prepare_model, run_and_dataset, save_final
+from .config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +33,8 @@ def build_sft_trainer(config: RunConfig | dict, model=None, processor=None, trai
     """An SFTTrainer for a run config (`vilavt.train.config`; a dict in the YAML files' shape also works, see
     examples/configs/sft_*.yaml). `model` / `processor` may be given instead of `config.model`; `train_dataset`
     (rows of `vilavt.train.data.sft_dataset`) instead of `train_file`."""
-    if isinstance(config, dict):
-        config = run_config("sft", config)
+    config, train_dataset = run_and_dataset("sft", config, train_dataset)
     args = config.training
-    if train_dataset is None:
-        if not args.train_file:
-            raise ValueError("train_file is required (a JSONL file of trajectories or TRL conversations)")
-        train_dataset = sft_dataset(load_sft_rows(args.train_file, args.image_root))
     model, processor = prepare_model(config, model, processor)
     collator = TrajectoryCollator(processor, model.config, image_root=args.image_root, max_rounds=args.max_rounds)
     return ViLaVTSFTTrainer(
