@@ -29,7 +29,7 @@ FROZEN = dict(train_vit=False, train_merger=False, train_instruct=False, train_t
 def configs(data: Path, out: Path, processes: int, model: str, sft_steps: int, grpo_steps: int) -> dict:
     base = dict(
         model=model, image_root=str(data), save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
-        gradient_checkpointing=False, logging_steps=1000, **FROZEN,
+        activation_checkpointing=False, logging_steps=1000, **FROZEN,
     )  # fmt: skip
     return {
         "sft": dict(

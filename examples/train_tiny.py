@@ -52,7 +52,7 @@ SFT = dict(
     seed=0,
     dataloader_num_workers=1,
     disable_tqdm=True,
-    gradient_checkpointing=False,  # TRL turns it on; the tiny model fits, so recomputing activations only costs time
+    activation_checkpointing=False,  # TRL turns it on; the tiny model fits, so recomputing activations only costs time
 )
 # GRPO on single-image tasks: 4 prompts x 4 rollouts per step (more prompts per step helped more than more
 # rollouts per prompt in trials). It samples at 0.7: at temperature 1 the tiny model's rollouts were mostly
@@ -71,7 +71,7 @@ GRPO = dict(
     report_to=[],
     seed=0,
     disable_tqdm=True,
-    gradient_checkpointing=False,  # as in SFT
+    activation_checkpointing=False,  # as in SFT
 )
 GRPO_KINDS = ["single"]
 

@@ -42,7 +42,7 @@ def jobs(workload, out: Path, processes: int) -> list[dict]:
     folder, plan = workload
     base = dict(
         train_file=str(folder / "train.jsonl"), model="tiny:0", max_steps=2, optim="sgd", logging_steps=1,
-        save_strategy="no", report_to=[], seed=0, gradient_checkpointing=False, disable_tqdm=True,
+        save_strategy="no", report_to=[], seed=0, activation_checkpointing=False, disable_tqdm=True,
     )  # fmt: skip
     return [
         dict(stage="sft", config=dict(base, output_dir=str(out / "sft"), per_device_train_batch_size=4 // processes, learning_rate=0.1)),

@@ -216,3 +216,18 @@ def test_training_quickstart_runs_from_a_fresh_copy(tmp_path):
     config = json.loads((final / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vilavt.ViLaVTForConditionalGeneration"
     assert (final / "query_tokenizer").is_dir() and (final / "modeling_vilavt.py").is_file()
+
+
+def test_the_single_process_cpu_launch_is_pointed_out(monkeypatch, caplog, capsys):
+    """`accelerate launch --cpu --num_processes 2` starts one process (ACCELERATE_USE_CPU, no WORLD_SIZE): say so."""
+    from vilavt.cli import main
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["sft"]) == 2  # no train_file: stops before training
+    assert "training in ONE CPU process" in caplog.text and "cpu_ddp.yaml" in caplog.text
+    assert capsys.readouterr().err.strip() == "vilavt sft: error: train_file is required (a JSONL file of training rows, see vilavt.train.data)"
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["sft"])
+    assert "ONE CPU process" not in caplog.text

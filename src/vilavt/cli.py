@@ -40,11 +40,19 @@ def _train(stage: str, argv: list[str]) -> int:
     from .remote_code.processing_vilavt import ImageLoadError
     from .trajectories import TrajectoryError
 
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "WORLD_SIZE" not in os.environ:
+        logging.getLogger("vilavt").warning(
+            "training in ONE CPU process: `accelerate launch --cpu` uses the single-process launcher whatever "
+            "--num_processes says. Several CPU processes: ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch "
+            "--config_file examples/accelerate/cpu_ddp.yaml -m vilavt.cli %s ...", stage
+        )
     try:
-        print(f"saved {run(config)}")
+        folder = run(config)
     except (ConfigError, ModelLoadError, TrajectoryError, ImageLoadError) as err:
         print(f"vilavt {stage}: error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
+        print(f"saved {folder}")
     return 0
 
 

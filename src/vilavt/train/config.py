@@ -133,8 +133,20 @@ class _ViLaVTRun:
     final_dir: str | None = field(
         default=None, metadata=_help("Where the final remote-code checkpoint is saved (default: OUTPUT_DIR/final).")
     )
+    # TRL turns checkpointing on through the deprecated `gradient_checkpointing` name, so transformers warned on
+    # every run; the default moves to `activation_checkpointing` (resolved in __post_init__), same behaviour.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata=_help("Recompute activations in the backward pass to save memory (default: on, as TRL).", nargs="?", const=True),
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata=_help("Deprecated alias of activation_checkpointing (transformers).", nargs="?", const=True),
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         # TRL defaults to bf16, which fails where it is not supported (e.g. on CPU): fall back to float32 there.
         supported = bf16_supported()
         if self.bf16 is None:
