@@ -23,7 +23,8 @@ from transformers.utils import ModelOutput, logging
 
 from .images_vilavt import open_image
 from .processing_vilavt import TURN_END
-from .protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_step, tool_message
+from .prompts_vilavt import tool_message
+from .protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_step
 from .regions_vilavt import ImageLedger, RegionError
 
 logger = logging.get_logger(__name__)
@@ -348,7 +349,7 @@ def tool_response(
     episode: Episode, processor, turn_text: str, final: bool, max_regions: int | None = None, turn_closed: bool = False
 ) -> ToolResponse:
     """Parse an assistant turn's tool call, crop its regions from the originals and render the tool
-    response through the chat template. Problems with the call become an error text in the response.
+    response with the processor's prompt templates. Problems with the call become an error text in the response.
     `turn_closed`: the turn already ends with the end-of-turn token (an unclosed call)."""
     step = parse_step(turn_text, max_regions)
     crops, notes, error, regions = [], [], step.error, []
@@ -627,6 +628,15 @@ class ChatSession:
             max_regions=self.max_regions,
             turn_closed=ep.ids[-1] in self.eos_ids,
         )
+        if response.trace.error is not None and self.processor.prompts.on_error == "end":
+            # The authors' RL rollout: a failed call ends the trajectory, with no tool response.
+            response.trace.generated_tokens = len(ep.turn_ids)
+            if self.turn_end is not None and ep.ids[-1] not in self.eos_ids and ep.new_tokens < self.max_new_tokens:
+                self.append(ep, [self.turn_end], sampled=False)  # close the turn, as the model would
+            ep.rounds += 1
+            ep.trace.rounds.append(response.trace)
+            self.finish(ep, "tool_error")
+            return None
         if ep.new_tokens + len(response.ids) > self.max_new_tokens:
             self.finish(ep, "max_new_tokens")
             return None

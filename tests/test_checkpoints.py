@@ -133,7 +133,7 @@ def test_push_uploads_exactly_the_checkpoint(checkpoint):
     expected = sorted(
         ["README.md", "chat_template.jinja", "config.json", "configuration_vilavt.py", "generation_config.json",
          "generation_vilavt.py", "images_vilavt.py", "model.safetensors", "modeling_vilavt.py", "processing_vilavt.py", "processor_config.json",
-         "protocol_vilavt.py", "query_tokenizer/tokenizer.json", "query_tokenizer/tokenizer_config.json", "regions_vilavt.py",
+         "prompt_templates.json", "prompts_vilavt.py", "protocol_vilavt.py", "query_tokenizer/tokenizer.json", "query_tokenizer/tokenizer_config.json", "regions_vilavt.py",
          "tokenizer.json", "tokenizer_config.json"]
     )  # fmt: skip
     assert files == expected

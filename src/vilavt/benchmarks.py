@@ -6,7 +6,7 @@ Benchmark files (REFERENCE.md §5.1) are JSON lists (or JSONL files) of items. F
   question             the question text; ERQA's contains literal `<image>` tags
   answer               the gold answer ("B", "A. right", "3.2", "move_right:1,move_forward:2")
   problem_type         multiple choice | numerical | regression | vci (SPAR view change); the rewards'
-                       judgment / free text (and aliases) are accepted too
+                       judgment / math / free text are accepted too (case-insensitive)
   images / image / frames   image paths, relative to the image root (a video = its frames); may be absent
   options              the options of a multiple-choice item, or null when they are inline in the question
   category / original_question_type / task   the first present one is the item's category
@@ -23,40 +23,40 @@ shows all images first, each followed by "The index of the provided image is i."
 their order and the k-th tag (0-based) becomes the reference "[image k]" in the text. `visual_indices`,
 when given, are the tags' character offsets in the tag-free question; a mismatch is logged.
 
-Metrics (REFERENCE.md §5.2, `eval/cal_metrics.py`) compare the `<answer>` content (as the reference: the
-whole text of a response without one; in a run, a generation that ends without an answer scores 0):
-  multiple choice   first characters equal, case-insensitive (an empty answer scores 0, no crash);
+Metrics (REFERENCE.md §5.2) score a response as the authors' `eval/cal_metrics.py` does: its first `<answer>`
+content, or else its whole text (in a run, the final assistant turn; see `generate_rows`), against the gold,
+by the exact problem type:
+  multiple choice   first characters equal, case-insensitive (an empty answer scores 0; theirs crashes);
   numerical         both or neither contain "." or ","; the numbers (commas removed) equal when rounded
                     to 2 decimals;
-  regression        MRA over θ ∈ {0.50, …, 0.95} with |p − g| / |g| ≤ 1 − θ (the reward uses <);
+  regression        float32 MRA over θ ∈ {0.50, …, 0.95}: |p − g| / (|g| + 1e-8) ≤ 1 − θ (the reward: <);
   vci               "action:value" lists; for the 5 pairs in `VIEW_CHANGE_PAIRS` the net value
                     (e.g. move_right − move_left), then the mean MRA over the pairs; unparsable → 0;
-  judgment, free text   `vilavt.rewards.score_answer`.
+  other types       (judgment, math, free text) `vilavt.rewards.score_answer` (theirs: 0; `other_types`).
 Each item is asked `avg_k` times (Avg@k: an item's score is its samples' mean). Overall: the mean over
-items; for VSI-Bench and SPAR-Bench the mean of the per-type means (their scripts; VSI-Bench types lose
-their _easy/_medium/_hard suffix; SPAR-Bench types are also grouped into Low / Medium / High).
+items, except VSI-Bench (mean of its 8 table types' means; _easy/_medium/_hard merged) and SPAR-Bench
+(mean of the means of its Low / Medium / High types; levels item-weighted), as their scripts compute them.
 
-Results are JSON lines, one per item and sample: benchmark, id, sample, answer, gold, score, rounds,
-stop_reason, error. A rerun with the same file skips the (id, sample) pairs already done; pairs that
+Results are JSON lines, one per item and sample: benchmark, id, sample, answer, response, gold, score,
+rounds, stop_reason, error. A rerun with the same file skips the (id, sample) pairs already done; pairs that
 failed (e.g. a missing image) are tried again. A failed sample scores 0 and stays in the denominator.
 """
 
 import argparse
 import json
 import logging
-import math
 import re
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .remote_code.processing_vilavt import ImageLoadError, open_image
-from .remote_code.protocol_vilavt import extract_answer
-from .rewards import mean_relative_accuracy, problem_kind, score_answer
+from .rewards import ANSWER_RE, mean_relative_accuracy, problem_kind, score_answer
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ INSTRUCTIONS = {
 # Benchmarks whose questions already carry their answer instruction (the reference's HF evaluator).
 NO_INSTRUCTION_BENCHMARKS = ("erqa",)
 EVAL_PROBLEM_TYPES = ("multiple choice", "numerical", "regression", "vci")
-REWARD_PROBLEM_TYPES = ("judgment", "free text")  # scored by vilavt.rewards.score_answer
+REWARD_PROBLEM_TYPES = ("judgment", "math", "free text")  # scored by vilavt.rewards.score_answer
 
 IMAGE_TAG = "<image>"
 IMAGE_FIELDS = ("images", "image", "frames")
@@ -85,22 +85,30 @@ VIEW_CHANGE_PAIRS = (
     ("rotate_up", "rotate_down"),
 )
 
-# VSI-Bench and SPAR-Bench (by file name): overall = the mean of the per-type means (their reference scripts).
+# VSI-Bench and SPAR-Bench (by file name) get their scripts' tables besides the mean over items.
 VSI_BENCH = re.compile(r"vsi[-_ ]?bench", re.IGNORECASE)
 SPAR_BENCH = re.compile(r"spar[-_ ]?bench", re.IGNORECASE)
 VSI_DIFFICULTY = re.compile(r"_(easy|medium|hard)$")
-# SPAR-Bench's levels, by keyword in the question type; first match wins (distance_infer is High,
-# other distance types Low).
-SPAR_LEVELS = (
-    ("distance_infer", "High"),
-    ("depth", "Low"),
-    ("distance", "Low"),
-    ("position_matching", "Medium"),
-    ("camera_motion", "Medium"),
-    ("view_change", "Medium"),
-    ("spatial_relation", "High"),
-    ("spatial_imagination", "High"),
-)
+# The question types of VSI-Bench's table, in its order (types merged over difficulty); other types are
+# counted but enter neither the table nor its overall.
+VSI_TYPES = (
+    "object_rel_distance", "object_rel_direction", "route_planning", "obj_appearance_order", "object_counting",
+    "object_abs_distance", "object_size_estimation", "room_size_estimation",
+)  # fmt: skip
+# SPAR-Bench's levels (its question types by name); types in none of them (e.g. distance_infer_center_oc,
+# obj_spatial_relation_oc) form the "Other" group, left out of the levels and the overall.
+SPAR_LEVELS = {
+    "Low": (
+        "depth_prediction_oc", "depth_prediction_oo", "distance_prediction_oc", "distance_prediction_oo",
+        "depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oo_mv", "distance_prediction_oc_mv",
+    ),
+    "Medium": ("view_change_infer", "position_matching", "camera_motion_infer"),
+    "High": (
+        "obj_spatial_relation_oo", "obj_spatial_relation_oc_mv", "obj_spatial_relation_oo_mv",
+        "spatial_imagination_oc", "spatial_imagination_oo", "spatial_imagination_oc_mv", "spatial_imagination_oo_mv",
+        "distance_infer_center_oo", "distance_infer_center_oo_mv",
+    ),
+}  # fmt: skip
 
 
 class BenchmarkError(ValueError):
@@ -293,30 +301,34 @@ def make_ids_unique(items: list[Item]) -> list[Item]:
 # ---- metrics ----------------------------------------------------------------------------------------
 
 
-def answer_content(text) -> str | None:
-    """The `<answer>` content of a response, or the whole (stripped) text without one."""
+def answer_content(text) -> str:
+    """What the authors' metric compares: the first `<answer>` content of a response (stripped), or the whole
+    response as it is; no response is the empty string."""
     if text is None:
-        return None
+        return ""
     text = str(text)
-    content = extract_answer(text)
-    return content if content is not None else text.strip()
+    match = ANSWER_RE.search(text)
+    return match.group(1).strip() if match else text
 
 
 def to_number(text: str) -> float | None:
-    """The whole text as a number (commas dropped), or None."""
+    """`float()` of the text without commas ("inf" and "nan" parse too), or None."""
     try:
-        value = float(text.strip().replace(",", ""))
+        return float(text.replace(",", ""))
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
 
 
 def score_multiple_choice(prediction: str, gold: str) -> float:
+    """First characters of the stripped texts equal, case-insensitive; an empty answer scores 0 (the
+    authors' script raises IndexError there and loses the whole run)."""
     prediction, gold = prediction.strip(), gold.strip()
     return float(bool(prediction) and bool(gold) and prediction[0].lower() == gold[0].lower())
 
 
 def score_numerical(prediction: str, gold: str) -> float:
+    """Both or neither contain "." or ","; then the numbers equal after rounding to 2 decimals."""
+
     def has_separator(text: str) -> bool:
         return "." in text or "," in text
 
@@ -329,6 +341,7 @@ def score_numerical(prediction: str, gold: str) -> float:
 
 
 def score_regression(prediction: str, gold: str) -> float:
+    """Float32 MRA with the evaluation's inclusive `<=`."""
     value, gold_value = to_number(prediction), to_number(gold)
     if value is None or gold_value is None:
         return 0.0
@@ -336,31 +349,34 @@ def score_regression(prediction: str, gold: str) -> float:
 
 
 def parse_view_change(text: str) -> dict[str, float]:
-    """"move_right:1,rotate_left:30" → {"move_right": 1.0, "rotate_left": 30.0}; a ValueError if malformed."""
+    """"move_right:1,rotate_left:30" → {"move_right": 1.0, "rotate_left": 30.0}, as the authors parse it:
+    pairs split at "," then at ":" (exactly one colon each), keys exactly as written (case and spaces
+    count), values by `float()`; a ValueError if malformed."""
     actions = {}
     for part in text.split(","):
-        name, colon, value = part.partition(":")
-        if not colon:
+        pieces = part.split(":")
+        if len(pieces) != 2:
             raise ValueError(f"not an action:value pair: {part!r}")
-        actions[name.strip().lower()] = float(value)
+        actions[pieces[0]] = float(pieces[1])
     return actions
 
 
 def score_view_change(prediction: str, gold: str) -> float:
-    """Mean MRA of the net value of each action pair (SPAR-Bench view change)."""
+    """Mean of the five pairs' MRA (inclusive) of the net values (e.g. move_right − move_left; an action
+    not given counts 0); unparsable → 0."""
     try:
         predicted, expected = parse_view_change(prediction), parse_view_change(gold)
     except ValueError:
         return 0.0
 
     def net(actions, positive, negative):
-        return actions.get(positive, 0.0) - actions.get(negative, 0.0)
+        return actions.get(positive, 0) - actions.get(negative, 0)
 
     scores = [
         mean_relative_accuracy(net(predicted, *pair), net(expected, *pair), inclusive=True)
         for pair in VIEW_CHANGE_PAIRS
     ]
-    return sum(scores) / len(scores)
+    return float(np.mean(scores))
 
 
 EVAL_METRICS = {
@@ -371,13 +387,23 @@ EVAL_METRICS = {
 }
 
 
-def score_benchmark_answer(prediction: str | None, gold, problem_type: str) -> float:
-    """Score a response (or its extracted answer) against the gold answer with the evaluation metric of
-    `problem_type`; no answer scores 0; an unknown problem type is a ValueError naming it."""
-    kind = canonical_problem_type(problem_type)
-    prediction, gold = answer_content(prediction), answer_content(gold)
-    if not prediction or gold is None:
+def score_benchmark_answer(response, gold, problem_type: str, *, other_types: str = "reward") -> float:
+    """Score a response (the model's final text, or a bare answer) against the gold answer as the authors'
+    evaluation script does: both go through `answer_content`, and `problem_type` picks the metric by its
+    exact name (multiple choice, numerical, regression, vci).
+
+    `other_types`: "reward" (default) scores any other type the rewards know (judgment, math, free text;
+    a differently spelled metric type such as "Multiple Choice" gets that metric) with
+    `vilavt.rewards.score_answer`, and an unknown type is a ValueError naming it; "zero" scores every
+    other type 0, as the authors' script."""
+    if other_types not in ("reward", "zero"):
+        raise ValueError(f"other_types must be 'reward' or 'zero', got {other_types!r}")
+    prediction, gold = answer_content(response), answer_content(gold)
+    if problem_type in EVAL_METRICS:
+        return EVAL_METRICS[problem_type](prediction, gold)
+    if other_types == "zero":
         return 0.0
+    kind = canonical_problem_type(problem_type)
     if kind in EVAL_METRICS:
         return EVAL_METRICS[kind](prediction, gold)
     return score_answer(prediction, gold, kind)
@@ -396,40 +422,83 @@ def item_scores(items: list[Item], records: dict, avg_k: int = 1) -> dict[str, f
     return scores
 
 
-def uses_category_mean(benchmark: str) -> bool:
-    return bool(VSI_BENCH.search(benchmark) or SPAR_BENCH.search(benchmark))
+def mean(values) -> float | None:
+    """The mean as numpy computes it (the authors' evaluation script, over all items), None for no values."""
+    values = list(values)
+    return float(np.mean(values)) if values else None
 
 
-def spar_level(category: str) -> str | None:
-    return next((level for keyword, level in SPAR_LEVELS if keyword in category.lower()), None)
+def table_mean(values) -> float | None:
+    """The mean as the authors' VSI / SPAR table scripts compute it (a running sum, then one division)."""
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _by_type(scored: list[tuple[str, float]]) -> dict[str, list[float]]:
+    grouped: dict[str, list[float]] = {}
+    for name, score in scored:
+        grouped.setdefault(name, []).append(score)
+    return grouped
+
+
+def vsi_table(scored: list[tuple[str, float]]) -> dict:
+    """VSI-Bench's table from (question type, score) pairs in item order: the mean of each listed type
+    (difficulties merged by `category_of`), the overall as the unweighted mean of those type means, the
+    count over all items; other types are named in `left_out`."""
+    grouped = _by_type(scored)
+    types = {name: {"score": table_mean(grouped[name]), "count": len(grouped[name])} for name in VSI_TYPES
+             if name in grouped}  # fmt: skip
+    return {
+        "types": types,
+        "overall": table_mean([entry["score"] for entry in types.values()]),
+        "count": len(scored),
+        "left_out": sorted(name for name in grouped if name not in VSI_TYPES),
+    }
+
+
+def spar_table(scored: list[tuple[str, float]]) -> dict:
+    """SPAR-Bench's table from (question type, score) pairs in item order: per level the mean over its items
+    (item-weighted) and its types' means; the overall as the unweighted mean of the level types' means; types
+    of no level form `other`."""
+    grouped = _by_type(scored)
+    levels, type_means = {}, []
+    for level, names in SPAR_LEVELS.items():
+        values = [score for name, score in scored if name in names]
+        if not values:
+            continue
+        types = {name: {"score": table_mean(grouped[name]), "count": len(grouped[name])}
+                 for name in sorted(set(names) & set(grouped))}  # by name, as the script groups them  # fmt: skip
+        levels[level] = {"score": table_mean(values), "count": len(values), "types": types}
+        type_means += [entry["score"] for entry in types.values()]
+    known = {name for names in SPAR_LEVELS.values() for name in names}
+    other = sorted(name for name in grouped if name not in known)
+    return {
+        "levels": levels,
+        "overall": table_mean(type_means),
+        "count": sum(entry["count"] for entry in levels.values()),
+        "other": {"count": sum(len(grouped[name]) for name in other), "types": other},
+    }
 
 
 def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
-    """Accuracy overall and per category from the records of `items` ((id, sample) → record)."""
+    """Accuracy overall and per category from the records of `items` ((id, sample) → record).
+
+    `accuracy` is the benchmark's headline number: VSI-Bench's and SPAR-Bench's table overall (see
+    `vsi_table`, `spar_table`, also under `vsi` / `spar`), else the mean over items (`mean`, which the
+    authors' script prints for every benchmark)."""
     benchmark = items[0].benchmark if items else ""
     scores = item_scores(items, records, avg_k)
-    by_category: dict[str, list[float]] = {}
-    for item in items:
-        if item.id in scores:
-            by_category.setdefault(item.category, []).append(scores[item.id])
-    categories = {
-        name: {"accuracy": statistics.fmean(values), "items": len(values)}
-        for name, values in sorted(by_category.items())
-    }
-    category_mean = uses_category_mean(benchmark)
-    if not scores:
-        overall = None
-    elif category_mean:
-        overall = statistics.fmean(c["accuracy"] for c in categories.values())
-    else:
-        overall = statistics.fmean(scores.values())
+    scored = [(item.category, scores[item.id]) for item in items if item.id in scores]
+    by_category = sorted(_by_type(scored).items())
+    categories = {name: {"accuracy": table_mean(values), "items": len(values)} for name, values in by_category}
     pairs = [records[(item.id, s)] for item in items for s in range(avg_k) if (item.id, s) in records]
     failed = [r for r in pairs if r.get("error")]
     done = [r for r in pairs if not r.get("error")]
     summary = {
         "benchmark": benchmark,
-        "accuracy": overall,
-        "overall": "mean of category means" if category_mean else "mean over items",
+        "accuracy": mean(scores.values()),
+        "overall": "mean over items",
+        "mean": mean(scores.values()),
         "avg_k": avg_k,
         "items": len(items),
         "items_scored": len(scores),
@@ -441,21 +510,21 @@ def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
         "categories": categories,
         "error_items": [{"id": r["id"], "sample": r["sample"], "error": r["error"]} for r in failed],
     }
-    if SPAR_BENCH.search(benchmark):
-        summary["levels"] = spar_levels(categories)
+    if VSI_BENCH.search(benchmark):
+        summary["vsi"] = vsi_table(scored)
+        summary["accuracy"], summary["overall"] = summary["vsi"]["overall"], "mean of the VSI-Bench type means"
+        if summary["vsi"]["left_out"]:
+            logger.warning("VSI-Bench types outside its table (left out of the overall): %s",
+                           summary["vsi"]["left_out"])  # fmt: skip
+    elif SPAR_BENCH.search(benchmark):
+        summary["spar"] = spar_table(scored)
+        summary["levels"] = {level: entry["score"] for level, entry in summary["spar"]["levels"].items()}
+        summary["accuracy"] = summary["spar"]["overall"]
+        summary["overall"] = "mean of the SPAR-Bench level types' means"
+        if summary["spar"]["other"]["types"]:
+            logger.warning("SPAR-Bench types in no level (left out of the levels and the overall): %s",
+                           summary["spar"]["other"]["types"])  # fmt: skip
     return summary
-
-
-def spar_levels(categories: dict) -> dict:
-    """SPAR-Bench Low / Medium / High: the mean of their types' means."""
-    grouped: dict[str, list[float]] = {}
-    for name, entry in categories.items():
-        level = spar_level(name)
-        if level is None:
-            logger.warning("SPAR-Bench type %r belongs to no level; left out of the levels", name)
-            continue
-        grouped.setdefault(level, []).append(entry["accuracy"])
-    return {level: statistics.fmean(grouped[level]) for level in ("Low", "Medium", "High") if level in grouped}
 
 
 def format_table(summary: dict) -> str:
@@ -465,9 +534,12 @@ def format_table(summary: dict) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
     rows = [(name, str(entry["items"]), percent(entry["accuracy"])) for name, entry in summary["categories"].items()]
-    rows += [(f"level {name}", "", percent(value)) for name, value in summary.get("levels", {}).items()]
-    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(summary["items_scored"]),
-                 percent(summary["accuracy"])))
+    levels = summary.get("spar", {}).get("levels", {})
+    rows += [(f"level {name}", str(entry["count"]), percent(entry["score"])) for name, entry in levels.items()]
+    if summary["overall"] != "mean over items":
+        rows.append(("mean over items", str(summary["items_scored"]), percent(summary["mean"])))
+    counted = summary.get("spar", {}).get("count", summary["items_scored"])  # SPAR's overall leaves "Other" out
+    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(counted), percent(summary["accuracy"])))
     width = max(len(row[0]) for row in rows + [("category",)])
     lines = [f"{'category':<{width}}  {'items':>6}  {'acc %':>7}"]
     lines += [f"{name:<{width}}  {count:>6}  {value:>7}" for name, count, value in rows]
@@ -518,8 +590,8 @@ def append_results(path, records: list[dict]) -> None:
 
 
 def result_record(item: Item, sample: int, **fields) -> dict:
-    record = dict(benchmark=item.benchmark, id=item.id, sample=sample, answer=None, gold=item.answer, score=0.0,
-                  rounds=0, stop_reason=None, error=None)
+    record = dict(benchmark=item.benchmark, id=item.id, sample=sample, answer=None, response=None, gold=item.answer,
+                  score=0.0, rounds=0, stop_reason=None, error=None)
     record.update(fields)
     return record
 
@@ -543,9 +615,20 @@ def conversation_for(item: Item, originals: list) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+PREDICTIONS = ("response", "answer")
+
+
 def generate_rows(model, processor, rows: list[tuple[Item, int, list]], max_rounds: int, max_pixels=None,
-                  **generate_kwargs) -> list[dict]:
-    """One batched generation for `rows` of (item, sample, original images); one record per row."""
+                  prediction: str = "response", **generate_kwargs) -> list[dict]:
+    """One batched generation for `rows` of (item, sample, original images); one record per row.
+
+    `prediction`: what the metric scores — "response" (default): the final assistant turn's text, from
+    which the metric takes the `<answer>` content or else the whole text, as the authors' evaluation
+    scores the responses their vLLM evaluator stores; "answer": the extracted answer (first `<answer>`,
+    `\\boxed{}` unwrapped; none scores 0), like their HF evaluator's stored responses. Records keep both
+    (`answer`, `response`)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     inputs = processor.apply_chat_template(
         [conversation_for(item, originals) for item, _, originals in rows],
         add_generation_prompt=True,
@@ -566,14 +649,15 @@ def generate_rows(model, processor, rows: list[tuple[Item, int, list]], max_roun
         )
     records = []
     for (item, sample, _), trace in zip(rows, output.traces):
-        score = score_benchmark_answer(trace.answer, item.answer, item.problem_type)
-        records.append(result_record(item, sample, answer=trace.answer, score=score, rounds=len(trace.rounds),
-                                     stop_reason=trace.stop_reason))
+        scored = trace.final_turn if prediction == "response" else trace.answer
+        score = score_benchmark_answer(scored, item.answer, item.problem_type)
+        records.append(result_record(item, sample, answer=trace.answer, response=trace.final_turn, score=score,
+                                     rounds=len(trace.rounds), stop_reason=trace.stop_reason))
     return records
 
 
 def evaluate_batch(model, processor, batch: list[tuple[Item, int]], image_root, max_rounds: int, max_pixels=None,
-                   **generate_kwargs) -> list[dict]:
+                   prediction: str = "response", **generate_kwargs) -> list[dict]:
     """Records for a batch of (item, sample): items whose images cannot be loaded are recorded as errors,
     the others are generated together."""
     failed, rows, loaded = [], [], {}
@@ -589,7 +673,9 @@ def evaluate_batch(model, processor, batch: list[tuple[Item, int]], image_root, 
             failed.append(result_record(item, sample, error=str(originals)))
         else:
             rows.append((item, sample, originals))
-    generated = generate_rows(model, processor, rows, max_rounds, max_pixels, **generate_kwargs) if rows else []
+    generated = (
+        generate_rows(model, processor, rows, max_rounds, max_pixels, prediction, **generate_kwargs) if rows else []
+    )
     return failed + generated
 
 
@@ -619,6 +705,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     do_sample: bool | None = None,
     max_pixels: int | None = None,
+    prediction: str = "response",
     **generate_kwargs,
 ) -> dict:
     """Evaluate `model` on a benchmark file through its chatting loop; returns `summarize(...)`.
@@ -632,6 +719,7 @@ def run_eval(
         out_path: JSONL results file, appended after every batch; pairs already done there are skipped.
         max_new_tokens, do_sample, generate_kwargs: passed to `model.generate` (e.g. temperature).
         max_pixels: the originals' shared pixel budget (default: the processor's).
+        prediction: what the metric scores, "response" or "answer" (see `generate_rows`).
     """
     if batch_size < 1 or avg_k < 1:
         raise ValueError(f"batch_size and avg_k must be at least 1, got {batch_size} and {avg_k}")
@@ -651,7 +739,7 @@ def run_eval(
     with tqdm(total=len(pending), desc=benchmark_name(benchmark_path), unit="answer", disable=not progress) as bar:
         for start in range(0, len(pending), batch_size):
             batch = evaluate_batch(model, processor, pending[start : start + batch_size], image_root, max_rounds,
-                                   max_pixels, **generate_kwargs)
+                                   max_pixels, prediction, **generate_kwargs)
             if out_path:
                 append_results(out_path, batch)
             records.update(((r["id"], r["sample"]), r) for r in batch)

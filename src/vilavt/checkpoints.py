@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .remote_code import modeling_vilavt
 from .remote_code.configuration_vilavt import ViLaVTConfig
+from .remote_code.prompts_vilavt import PROMPTS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +223,14 @@ def derived_query_tokenizer(tokenizer, max_length: int = 50):
     return query
 
 
-def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
+def convert_official(src, dst, tokenizer=None, query_tokenizer=None, prompts=None) -> Path:
     """Convert an official ViLaVT checkpoint folder into a plug-in folder, shard by shard.
 
     `tokenizer` / `query_tokenizer`: folders to take them from when `src` has none (the official folders
     carry the Qwen2.5-VL tokenizer but not the Qwen3-Embedding one; without `query_tokenizer` it is
-    derived from the main tokenizer, which shares its vocabulary).
+    derived from the main tokenizer, which shares its vocabulary). `prompts`: the prompt templates the
+    folder carries (`vilavt.prompts.import_authors_prompts`: the wording the released model was trained
+    on); default: the project's own wording.
     """
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -268,6 +271,8 @@ def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
     if (src / "generation_config.json").exists():
         shutil.copy(src / "generation_config.json", dst / "generation_config.json")
 
+    if prompts is not None:  # with no processor below, a processor added later reads them
+        prompts.save(dst / PROMPTS_FILE)
     tokenizer_source = Path(tokenizer) if tokenizer else src
     if not (tokenizer_source / "tokenizer_config.json").exists():
         logger.warning("no tokenizer in %s: the folder has weights and config but no processor", tokenizer_source)
@@ -286,6 +291,8 @@ def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=preprocessor.get("min_pixels", 4 * 28 * 28), max_pixels=preprocessor.get("max_pixels", 8192 * 28 * 28)
     )
-    processor = ViLaVTProcessor(image_processor, main_tokenizer, queries, max_query_length=config.max_query_length)
+    processor = ViLaVTProcessor(
+        image_processor, main_tokenizer, queries, max_query_length=config.max_query_length, prompt_templates=prompts
+    )
     processor.save_pretrained(dst)
     return dst

@@ -8,7 +8,10 @@
     vilavt sft  --config FILE.yaml [--key value ...]                         stage 1 (TRL SFTTrainer; --help: every key)
     vilavt grpo --config FILE.yaml [--key value ...]                         stage 2 (TRL GRPOTrainer; --help: every key)
     vilavt eval --benchmark FILE.json --image-root DIR --model M [...]      the paper's benchmarks
-    vilavt convert SRC DST [--tokenizer DIR] [--query-tokenizer DIR]         official checkpoint -> plug-in folder
+    vilavt convert SRC DST [--tokenizer DIR] [--query-tokenizer DIR] [--prompts-from REPO]
+                                                                             official checkpoint -> plug-in folder
+    vilavt prompts import REPO DIR [--variant rl|vllm-eval] [--on-error final|end|budget]
+                                                                             the authors' prompt wording -> checkpoint
     vilavt export DST [--src SRC]                                            a self-contained remote-code folder
     vilavt push DIR REPO_ID [--private] [--dry-run]                          upload a checkpoint folder
 
@@ -183,10 +186,42 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("dst")
     parser.add_argument("--tokenizer", help="folder with the Qwen2.5-VL tokenizer, if SRC has none")
     parser.add_argument("--query-tokenizer", help="Qwen3-Embedding tokenizer folder (default: derived from the main one)")
+    parser.add_argument("--prompts-from", metavar="REPO", help="your checkout of the authors' repository: import their prompt wording")
     args = parser.parse_args(argv)
     from .checkpoints import convert_official
+    from .prompts import PromptImportError, authors_wording_notice, import_authors_prompts
 
-    print(f"saved {convert_official(args.src, args.dst, args.tokenizer, args.query_tokenizer)}")
+    try:
+        prompts = import_authors_prompts(args.prompts_from) if args.prompts_from else None
+    except PromptImportError as err:
+        print(f"vilavt convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved {convert_official(args.src, args.dst, args.tokenizer, args.query_tokenizer, prompts=prompts)}")
+    if prompts is None:
+        print(authors_wording_notice(args.dst), file=sys.stderr)
+    return 0
+
+
+def _prompts(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vilavt prompts", description="prompt wording a checkpoint carries")
+    commands = parser.add_subparsers(dest="command", required=True)
+    imports = commands.add_parser("import", help="the authors' wording from your checkout of their repository")
+    imports.add_argument("repo", help="a checkout of the authors' ViLaVT repository (parsed, never run)")
+    imports.add_argument("dir", help="a checkpoint folder: gets prompt_templates.json")
+    imports.add_argument("--variant", default="rl", choices=("rl", "vllm-eval"),
+                         help="rl: what the released model was trained on; vllm-eval: their vLLM evaluator's prompts")
+    imports.add_argument("--on-error", default="final", choices=("final", "end", "budget"),
+                         help="a failed tool call: error then the final text (their evaluators), end the episode "
+                              "(their RL rollout) or error then continue by the round budget (this project)")
+    args = parser.parse_args(argv)
+    from .prompts import PromptImportError, import_authors_prompts, write_prompts
+
+    try:
+        path = write_prompts(import_authors_prompts(args.repo, args.variant, args.on_error), args.dir)
+    except PromptImportError as err:
+        print(f"vilavt prompts: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: the authors' wording ({args.variant}; on a failed tool call: {args.on_error})")
     return 0
 
 
@@ -216,6 +251,7 @@ COMMANDS = {
     "grpo": lambda argv: _train("grpo", argv),
     "eval": _eval,
     "convert": _convert,
+    "prompts": _prompts,
     "export": _export,
     "push": _push,
 }

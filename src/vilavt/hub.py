@@ -11,7 +11,7 @@ EXCLUDED = (
     "__pycache__/*", "*.pyc", ".*", "*/.*",
     "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin", "scaler.pt",
 )  # fmt: skip
-REQUIRED = ("config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py")
+REQUIRED = ("config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py", "prompts_vilavt.py")
 
 
 def model_card_template() -> str:

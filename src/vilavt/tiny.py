@@ -16,7 +16,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from .remote_code.configuration_vilavt import ViLaVTConfig
 from .remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
-from .remote_code.processing_vilavt import CHAT_TEMPLATE, ViLaVTProcessor
+from .remote_code.processing_vilavt import ViLaVTProcessor
+from .remote_code.prompts_vilavt import DEFAULT_PROMPTS
 
 # Qwen2.5-VL's special tokens, in their original order.
 QWEN_SPECIAL_TOKENS = [
@@ -44,7 +45,7 @@ _GRID = [28 * i for i in range(17)]
 _BOXES = [json.dumps({"index": i % 3, "bbox_2d": [a, b, c, d]}) for i, (a, b, c, d) in enumerate(zip(_GRID, _GRID[3:] + _GRID[:3], _GRID[1:] + _GRID[:1], _GRID[4:] + _GRID[:4]))]
 
 _CORPUS = [
-    CHAT_TEMPLATE,
+    *(getattr(prompts, slot) for prompts in DEFAULT_PROMPTS.values() for slot in ("system", "user", "response", "response_final")),
     " ".join(_BOXES),
     "The bar is too small to see. Zoom in on the red frame. Still too small. Zoom in again. The bar is rising.",
     "Both bars are too small to see. Zoom in on both red frames. the bar inside the red frame. the bars inside the red frames",
