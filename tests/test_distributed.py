@@ -51,7 +51,7 @@ def jobs(workload, out: Path, processes: int) -> list[dict]:
             plan=plan,
             config=dict(
                 base, output_dir=str(out / "grpo"), per_device_train_batch_size=8 // processes, num_generations=2,
-                max_completion_length=200, max_rounds=3, learning_rate=0.1, skip_zero_advantage=True, beta=0.0,
+                max_completion_length=600, max_rounds=3, learning_rate=0.1, skip_zero_advantage=True, beta=0.0,
                 loss_type="dapo",
             ),
         ),
