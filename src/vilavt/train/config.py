@@ -57,7 +57,7 @@ class ModelArguments:
     )
     quantization: str | None = field(
         default=None,
-        metadata=_help("Load the base weights quantized for QLoRA (needs lora_r): 4bit (nf4) or 8bit.", choices=["4bit", "8bit"]),
+        metadata=_help("Load the base weights quantized for QLoRA (needs lora_r): 4bit (nf4) or 8bit (CUDA only).", choices=["4bit", "8bit"]),
     )
     attn_implementation: str | None = field(default=None, metadata=_help("sdpa, eager or flash_attention_2."))
     allow_missing_weights: bool = field(
