@@ -69,7 +69,10 @@ def worker(path: str) -> None:
         trainer.add_callback(clock)
         trainer.train()
         steady = clock.ends[1:]  # from the end of the first step
-        results[stage] = {"seconds_per_step": (steady[-1] - steady[0]) / (len(steady) - 1), "processes": trainer.accelerator.num_processes}
+        results[stage] = {
+            "seconds_per_step": (steady[-1] - steady[0]) / (len(steady) - 1),
+            "processes": trainer.accelerator.num_processes,
+        }
     if int(os.environ.get("RANK", 0)) == 0:
         Path(f"{path}.out").write_text(json.dumps(results))
 
@@ -82,7 +85,9 @@ def free_port() -> int:
 
 def run_variant(folder: Path, data: Path, processes: int, threads: int, args) -> dict:
     path = folder / f"configs-{processes}-{threads}.json"
-    path.write_text(json.dumps(configs(data, folder / f"out-{processes}", processes, args.model, args.sft_steps, args.grpo_steps)))
+    path.write_text(
+        json.dumps(configs(data, folder / f"out-{processes}", processes, args.model, args.sft_steps, args.grpo_steps))
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if processes == 1:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -121,12 +126,22 @@ def main():
         one = run_variant(folder, data, 1, 2, args)
         two = run_variant(folder, data, 2, 1, args)
         single = run_variant(folder, data, 1, 1, args)
-    rows = [("sft", f"SFT, {SFT_BATCH} trajectories/step"), ("grpo", f"GRPO, {PROMPTS} prompts x {GENERATIONS} rollouts")]
+    rows = [
+        ("sft", f"SFT, {SFT_BATCH} trajectories/step"),
+        ("grpo", f"GRPO, {PROMPTS} prompts x {GENERATIONS} rollouts"),
+    ]
     results = {}
-    print(f"{'steps/s':32} {'1 proc x 2 threads':>18} {'2 procs x 1 thread':>19} {'ratio':>7} {'1 proc x 1 thread':>18}")
+    print(
+        f"{'steps/s':32} {'1 proc x 2 threads':>18} {'2 procs x 1 thread':>19} {'ratio':>7} {'1 proc x 1 thread':>18}"
+    )
     for stage, label in rows:
         a, b, c = (1 / run[stage]["seconds_per_step"] for run in (one, two, single))
-        results[stage] = {"one_process_2_threads": round(a, 3), "two_processes": round(b, 3), "ratio": round(b / a, 2), "one_process_1_thread": round(c, 3)}
+        results[stage] = {
+            "one_process_2_threads": round(a, 3),
+            "two_processes": round(b, 3),
+            "ratio": round(b / a, 2),
+            "one_process_1_thread": round(c, 3),
+        }
         print(f"{label:32} {a:18.3f} {b:19.3f} {b / a:6.2f}x {c:18.3f}")
     print(json.dumps(results))
 

@@ -50,7 +50,9 @@ def run(jobs: list[dict]) -> list[dict]:
             from vilavt.loading import load_model_and_processor
 
             model, processor = load_model_and_processor(job["config"]["model"])
-            trainer = build_grpo_trainer(job["config"], model, processor, logits_processor_factory=scripted(processor, job["plan"]))
+            trainer = build_grpo_trainer(
+                job["config"], model, processor, logits_processor_factory=scripted(processor, job["plan"])
+            )
             select = trainer.informative_rows
 
             def recorded(inputs):

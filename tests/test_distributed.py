@@ -31,9 +31,14 @@ def workload(tmp_path_factory):
     """8 trajectories (4 per step of SFT; 4 prompts x 2 rollouts per step of GRPO) and each prompt's script."""
     folder = tmp_path_factory.mktemp("distributed")
     write_images(folder)
-    rows = [dict(row, id=f"{row['id']}-{k}", question=f"{row['question']} ({k})") for k in range(4) for row in TRAJECTORIES]
+    rows = [
+        dict(row, id=f"{row['id']}-{k}", question=f"{row['question']} ({k})") for k in range(4) for row in TRAJECTORIES
+    ]
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    plan = {row["question"]: {"answer": row["answer"], "mode": "mixed" if k % 3 == 0 else "right"} for k, row in enumerate(rows)}
+    plan = {
+        row["question"]: {"answer": row["answer"], "mode": "mixed" if k % 3 == 0 else "right"}
+        for k, row in enumerate(rows)
+    }
     return folder, plan
 
 
@@ -72,7 +77,13 @@ def launch(config_file: Path, job_list: list[dict], tmp_path: Path, *flags: str,
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", "2",
         "--main_process_port", str(free_port()), *flags, str(Path(__file__).parent / "distributed_jobs.py"), str(path),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(Path(__file__).parent),
+    }
     env.pop("ACCELERATE_USE_CPU", None)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -134,7 +145,9 @@ def test_two_ddp_processes_train_like_one(workload, one_process, start_weights, 
 def test_fsdp_trains_both_stages_and_saves_checkpoints_that_reload(workload, one_process, start_weights, tmp_path):
     """accelerate's FSDP plugin (FSDP2, examples/accelerate/fsdp.yaml) on 2 CPU processes: the sharded training
     gives the one-process weights, and the gathered checkpoints load with trust_remote_code in a fresh process."""
-    results = launch(ACCELERATE / "fsdp.yaml", jobs(workload, tmp_path, processes=2), tmp_path, "--mixed_precision", "no")
+    results = launch(
+        ACCELERATE / "fsdp.yaml", jobs(workload, tmp_path, processes=2), tmp_path, "--mixed_precision", "no"
+    )
     reference = {r["stage"]: r for r in one_process}
     folders = []
     for stage in ("sft", "grpo"):
@@ -177,7 +190,9 @@ def launch_environment(monkeypatch):
     monkeypatch.chdir(ROOT)  # the accelerate files name the DeepSpeed JSON relative to the repository
 
     def set_environment(accelerate_file: str):
-        args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE / accelerate_file), "-m", "vilavt.cli", "sft"])
+        args = launch_command_parser().parse_args(
+            ["--config_file", str(ACCELERATE / accelerate_file), "-m", "vilavt.cli", "sft"]
+        )
         args, defaults, mixed_precision_from_config = _validate_launch_command(args)
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
         args.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as accelerate's launch_command does
@@ -200,7 +215,9 @@ def gpu_run_config(name: str, monkeypatch, **overrides):
 
     monkeypatch.setattr(run_configs, "bf16_supported", lambda: True)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True, raising=False)
-    return run_configs.parse_run_config(name.split("_")[0], ["--config", str(CONFIGS / name)], values=overrides).training
+    return run_configs.parse_run_config(
+        name.split("_")[0], ["--config", str(CONFIGS / name)], values=overrides
+    ).training
 
 
 def model_stand_in():
@@ -211,7 +228,9 @@ def model_stand_in():
 
 
 @pytest.mark.parametrize("accelerate_file, run_file, stage", DEEPSPEED_PAIRS)
-def test_deepspeed_configs_agree_with_the_run_configs(accelerate_file, run_file, stage, launch_environment, monkeypatch):
+def test_deepspeed_configs_agree_with_the_run_configs(
+    accelerate_file, run_file, stage, launch_environment, monkeypatch
+):
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
     defaults = launch_environment(accelerate_file)
@@ -226,7 +245,10 @@ def test_deepspeed_configs_agree_with_the_run_configs(accelerate_file, run_file,
     assert config["bf16"]["enabled"] is True and args.bf16 is True
     assert config["train_micro_batch_size_per_gpu"] == args.per_device_train_batch_size
     assert config["gradient_accumulation_steps"] == args.gradient_accumulation_steps
-    assert config["train_batch_size"] == args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    assert (
+        config["train_batch_size"]
+        == args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    )
     assert config["gradient_clipping"] == args.max_grad_norm
 
 

@@ -32,7 +32,7 @@ EXAMPLES = ROOT / "examples"
 VILAVT = str(Path(sys.executable).parent / "vilavt")
 
 
-def stand_in(stage: str, name: str, data, tmp_path, **extra):
+def stand_in(stage: str, name: str, data, tmp_path, **extra):  # noqa: F811
     """A shipped config with the tiny data swapped in (same trainer options otherwise)."""
     return parse_run_config(
         stage,
@@ -223,11 +223,12 @@ def test_the_single_process_cpu_launch_is_pointed_out(monkeypatch, caplog, capsy
     from vilavt.cli import main
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["sft"]) == 2  # no train_file: stops before training
-    assert "training in ONE CPU process" in caplog.text and "cpu_ddp.yaml" in caplog.text
-    assert capsys.readouterr().err.strip() == "vilavt sft: error: train_file is required (a JSONL file of training rows, see vilavt.train.data)"
-    caplog.clear()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    main(["sft"])
-    assert "ONE CPU process" not in caplog.text
+    for world_size, warned in ((None, True), ("2", False)):
+        if world_size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world_size)
+        caplog.clear()
+        assert main(["sft", "--learning_rate", "fast"]) == 2  # stops while parsing: no process group is made
+        assert ("training in ONE CPU process" in caplog.text and "cpu_ddp.yaml" in caplog.text) is warned
+        assert capsys.readouterr().err.strip().endswith("invalid float value: 'fast'")

@@ -30,6 +30,12 @@ import sys
 def _train(stage: str, argv: list[str]) -> int:
     from .train.config import ConfigError, parse_run_config
 
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "WORLD_SIZE" not in os.environ:
+        logging.getLogger("vilavt").warning(
+            "training in ONE CPU process: `accelerate launch --cpu` uses the single-process launcher whatever "
+            "--num_processes says. Several CPU processes: ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch "
+            "--config_file examples/accelerate/cpu_ddp.yaml -m vilavt.cli %s ...", stage
+        )
     try:
         config = parse_run_config(stage, argv)
     except ConfigError as err:
@@ -43,12 +49,6 @@ def _train(stage: str, argv: list[str]) -> int:
     from .remote_code.processing_vilavt import ImageLoadError
     from .trajectories import TrajectoryError
 
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "WORLD_SIZE" not in os.environ:
-        logging.getLogger("vilavt").warning(
-            "training in ONE CPU process: `accelerate launch --cpu` uses the single-process launcher whatever "
-            "--num_processes says. Several CPU processes: ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch "
-            "--config_file examples/accelerate/cpu_ddp.yaml -m vilavt.cli %s ...", stage
-        )
     try:
         folder = run(config)
     except (ConfigError, ModelLoadError, TrajectoryError, ImageLoadError) as err:

@@ -38,7 +38,9 @@ def preset_of(name: str) -> tuple[str, int] | None:
     preset = match["preset"] or "test"
     if preset not in PRESETS:
         names = ", ".join("tiny" if p == "test" else f"tiny-{p}" for p in PRESETS)
-        raise ModelLoadError(f"model {name!r}: no such folder, and no such preset (presets: {names}, each with an optional :SEED)")
+        raise ModelLoadError(
+            f"model {name!r}: no such folder, and no such preset (presets: {names}, each with an optional :SEED)"
+        )
     seed = match["seed"]
     if seed is not None and not re.fullmatch(r"\d+", seed):
         raise ModelLoadError(f"model {name!r}: the seed after ':' must be a non-negative integer, got {seed!r}")
@@ -53,7 +55,9 @@ def quantization_config(quantization: str):
     if quantization == "8bit":
         if not torch.cuda.is_available():
             # bitsandbytes 0.50's 8-bit matmul has no CPU backward ("result type Float can't be cast to ... Char").
-            raise ModelLoadError("8-bit quantization needs a CUDA GPU (bitsandbytes has no 8-bit CPU training); use 4bit on CPU")
+            raise ModelLoadError(
+                "8-bit quantization needs a CUDA GPU (bitsandbytes has no 8-bit CPU training); use 4bit on CPU"
+            )
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ModelLoadError(f"quantization must be '4bit', '8bit' or none, got {quantization!r}")
 

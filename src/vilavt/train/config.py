@@ -57,12 +57,17 @@ class ModelArguments:
     )
     quantization: str | None = field(
         default=None,
-        metadata=_help("Load the base weights quantized for QLoRA (needs lora_r): 4bit (nf4) or 8bit (CUDA only).", choices=["4bit", "8bit"]),
+        metadata=_help(
+            "Load the base weights quantized for QLoRA (needs lora_r): 4bit (nf4) or 8bit (CUDA only).",
+            choices=["4bit", "8bit"],
+        ),
     )
     attn_implementation: str | None = field(default=None, metadata=_help("sdpa, eager or flash_attention_2."))
     allow_missing_weights: bool = field(
         default=False,
-        metadata=_help("Train even if the checkpoint lacks some weights (they start random). Off: such a checkpoint is refused."),
+        metadata=_help(
+            "Train even if the checkpoint lacks some weights (they start random). Off: such a checkpoint is refused."
+        ),
     )
 
 
@@ -97,7 +102,10 @@ class TrainableParts:
 
     def resolve(self, recipe: dict) -> dict:
         """`recipe` with the parts set here replaced."""
-        return {part: recipe[part] if getattr(self, f"train_{part}") is None else getattr(self, f"train_{part}") for part in PARTS}
+        return {
+            part: recipe[part] if getattr(self, f"train_{part}") is None else getattr(self, f"train_{part}")
+            for part in PARTS
+        }
 
 
 @dataclass
@@ -105,13 +113,18 @@ class LoraArguments:
     """peft LoRA adapters instead of full fine-tuning (QLoRA with `quantization`)."""
 
     lora_r: int | None = field(
-        default=None, metadata=_help("LoRA rank. Set it to train LoRA adapters instead of the full weights.", "--lora.r")
+        default=None,
+        metadata=_help("LoRA rank. Set it to train LoRA adapters instead of the full weights.", "--lora.r"),
     )
-    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator (alpha / r scales the update).", "--lora.alpha"))
+    lora_alpha: int = field(
+        default=32, metadata=_help("LoRA scaling numerator (alpha / r scales the update).", "--lora.alpha")
+    )
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA path.", "--lora.dropout"))
     lora_target_modules: str = field(
         default=LORA_TARGETS,
-        metadata=_help("Regex of the module names that get adapters (default: ViT and LLM projections).", "--lora.target_modules"),
+        metadata=_help(
+            "Regex of the module names that get adapters (default: ViT and LLM projections).", "--lora.target_modules"
+        ),
     )
 
 
@@ -127,7 +140,8 @@ class _ViLaVTRun:
         ),
     )
     image_root: str | None = field(
-        default=None, metadata=_help("Folder that relative image paths resolve against (default: the train_file's folder).")
+        default=None,
+        metadata=_help("Folder that relative image paths resolve against (default: the train_file's folder)."),
     )
     max_rounds: int = field(default=5, metadata=_help("Tool calls allowed per episode (the round budget)."))
     final_dir: str | None = field(
@@ -137,7 +151,9 @@ class _ViLaVTRun:
     # every run; the default moves to `activation_checkpointing` (resolved in __post_init__), same behaviour.
     activation_checkpointing: bool | None = field(
         default=None,
-        metadata=_help("Recompute activations in the backward pass to save memory (default: on, as TRL).", nargs="?", const=True),
+        metadata=_help(
+            "Recompute activations in the backward pass to save memory (default: on, as TRL).", nargs="?", const=True
+        ),
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -169,12 +185,16 @@ class ViLaVTSFTConfig(_ViLaVTRun, SFTConfig):
 
     output_dir: str | None = field(default="outputs/sft", metadata=_help("Where checkpoints and logs are written."))
     # The collator builds the batches from the raw rows: TRL must neither tokenise, pack nor drop columns.
-    remove_unused_columns: bool = field(default=False, metadata=_help("Keep the dataset's columns (the collator needs them)."))
+    remove_unused_columns: bool = field(
+        default=False, metadata=_help("Keep the dataset's columns (the collator needs them).")
+    )
     dataset_kwargs: dict | str | None = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
         metadata=_help("TRL dataset preparation; ViLaVT's collator prepares the rows itself."),
     )
-    max_length: int | None = field(default=None, metadata=_help("Truncate sequences (None: never; a cut would split images)."))
+    max_length: int | None = field(
+        default=None, metadata=_help("Truncate sequences (None: never; a cut would split images).")
+    )
 
 
 @dataclass
@@ -182,11 +202,15 @@ class ViLaVTGRPOConfig(_ViLaVTRun, GRPOConfig):
     """TRL's `GRPOConfig` with ViLaVT rollouts (the multi-round chatting `generate`)."""
 
     output_dir: str | None = field(default="outputs/grpo", metadata=_help("Where checkpoints and logs are written."))
-    disable_dropout: bool = field(default=True, metadata=_help("Disable dropout (rollout and scoring see the same model)."))
+    disable_dropout: bool = field(
+        default=True, metadata=_help("Disable dropout (rollout and scoring see the same model).")
+    )
     max_regions: int | None = field(
         default=None, metadata=_help("Regions allowed per tool call (default: the model's generation default).")
     )
-    max_turn_tokens: int | None = field(default=None, metadata=_help("Tokens one assistant turn may take (default: no cap)."))
+    max_turn_tokens: int | None = field(
+        default=None, metadata=_help("Tokens one assistant turn may take (default: no cap).")
+    )
     skip_zero_advantage: bool = field(
         default=True,
         metadata=_help(
@@ -195,7 +219,11 @@ class ViLaVTGRPOConfig(_ViLaVTRun, GRPOConfig):
         ),
     )
     accuracy_weight: float = field(
-        default=0.5, metadata=_help("Reward: weight of the answer's accuracy (reward = a*acc + f*format if acc > 0).", "--reward_weights.accuracy")
+        default=0.5,
+        metadata=_help(
+            "Reward: weight of the answer's accuracy (reward = a*acc + f*format if acc > 0).",
+            "--reward_weights.accuracy",
+        ),
     )
     format_weight: float = field(
         default=0.5, metadata=_help("Reward: weight of the protocol format.", "--reward_weights.format")
@@ -296,7 +324,9 @@ def parse_run_config(stage: str, argv: list[str] | None = None, values: dict | N
     if "--config" in argv:
         position = argv.index("--config") + 1
         if position >= len(argv) or not Path(argv[position]).is_file():
-            raise ConfigError(f"--config {argv[position] if position < len(argv) else ''}: no such file".replace("  ", " "))
+            raise ConfigError(
+                f"--config {argv[position] if position < len(argv) else ''}: no such file".replace("  ", " ")
+            )
     else:
         parser.set_defaults_with_config()
     try:
@@ -308,8 +338,12 @@ def parse_run_config(stage: str, argv: list[str] | None = None, values: dict | N
     except ValueError as err:  # HfArgumentParser: unknown command-line options; dataclass checks
         message = str(err)
         if "not used by the HfArgumentParser" in message:
-            unused = [a for a in message.split(": ", 1)[1].strip("[]").replace("'", "").split(", ") if a.startswith("--")]
-            raise ConfigError("; ".join(f"unknown option {a}{parser.suggest(a[2:])}" for a in unused) or message) from None
+            unused = [
+                a for a in message.split(": ", 1)[1].strip("[]").replace("'", "").split(", ") if a.startswith("--")
+            ]
+            raise ConfigError(
+                "; ".join(f"unknown option {a}{parser.suggest(a[2:])}" for a in unused) or message
+            ) from None
         raise ConfigError(" ".join(message.split())) from None
     if lora.lora_r is None and model.quantization:
         raise ConfigError("quantization loads the base weights for QLoRA: set lora_r too")

@@ -29,7 +29,10 @@ from ..trajectories import (
     row_name,
 )
 
-SFT_SHAPES = {"trajectory": ("images", "question", "problem_type", "answer", "turns"), "conversational": ("messages", "images")}
+SFT_SHAPES = {
+    "trajectory": ("images", "question", "problem_type", "answer", "turns"),
+    "conversational": ("messages", "images"),
+}
 GRPO_SHAPES = {
     "question": ("images", "question", "answer", "problem_type"),
     "TRL prompt": ("prompt", "image(s)", "answer or solution"),
@@ -38,7 +41,9 @@ GRPO_SHAPES = {
 
 def _shape_error(path, stage: str, row: dict, shapes: dict) -> TrajectoryError:
     expected = "; or ".join(f"{name}: {', '.join(columns)}" for name, columns in shapes.items())
-    return TrajectoryError(f"{path}: no {stage} data shape fits its columns ({', '.join(sorted(row)) or 'none'}); expected {expected}")
+    return TrajectoryError(
+        f"{path}: no {stage} data shape fits its columns ({', '.join(sorted(row)) or 'none'}); expected {expected}"
+    )
 
 
 def _root(path, image_root) -> Path:
@@ -76,7 +81,11 @@ def _image_paths(value, name: str) -> list[str]:
 
 
 def _content_images(content) -> int:
-    return sum(1 for item in content if isinstance(item, dict) and item.get("type") == "image") if isinstance(content, list) else 0
+    return (
+        sum(1 for item in content if isinstance(item, dict) and item.get("type") == "image")
+        if isinstance(content, list)
+        else 0
+    )
 
 
 def _check_message(message, name: str) -> None:
@@ -92,7 +101,9 @@ def _check_message(message, name: str) -> None:
         if item.get("type") == "text":
             check_text(item.get("text"), f"{name}.content[{k}].text")
         elif item.get("type") != "image":
-            raise TrajectoryError(f"{name}.content[{k}]: expected an item of type text or image, got {item.get('type')!r}")
+            raise TrajectoryError(
+                f"{name}.content[{k}]: expected an item of type text or image, got {item.get('type')!r}"
+            )
 
 
 def check_conversation(row: dict) -> None:
@@ -141,7 +152,12 @@ def sft_dataset(rows: list[dict]):
 
 def _prompt(question, images: list[str]) -> list[dict]:
     """A user turn: the images (by path), then the question."""
-    return [{"role": "user", "content": [*({"type": "image", "image": p} for p in images), {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [*({"type": "image", "image": p} for p in images), {"type": "text", "text": question}],
+        }
+    ]
 
 
 def _place_images(messages: list, images: list[str]) -> list[dict]:

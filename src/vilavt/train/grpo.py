@@ -51,7 +51,9 @@ def _with_images(prompt: list[dict], load) -> tuple[list[dict], list]:
             for item in content:
                 item = {k: v for k, v in item.items() if v is not None}
                 if item.get("type") == "image":
-                    originals.append(load(item["image"]) if isinstance(item["image"], str) else open_image(item["image"]))
+                    originals.append(
+                        load(item["image"]) if isinstance(item["image"], str) else open_image(item["image"])
+                    )
                     item["image"] = originals[-1]
                 items.append(item)
             content = items
@@ -134,7 +136,9 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         generation_config.return_dict_in_generate = True
         with (
             unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                self.model_wrapped,
+                self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as model,
             gathered_for_generation(self.model_wrapped) if self.is_fsdp_enabled else contextlib.nullcontext(),
         ):
@@ -248,7 +252,9 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["vilavt/rollout_logprob_gap"].append(self.accelerator.gather(value).max().item())
         return loss
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs
+    ):
         """TRL's chunked scoring pass (log-probs, entropies, MoE auxiliary loss), whose forward also gets each chunk's
         rollout vision inputs: originals, crops, queries and the image→query mapping, from the rollouts' Episodes."""
         scoring = self._scoring
@@ -280,7 +286,9 @@ def completion_text_reward(reward):
     return wrapped
 
 
-def build_grpo_trainer(config: RunConfig | dict, model=None, processor=None, logits_processor_factory=None, train_dataset=None):
+def build_grpo_trainer(
+    config: RunConfig | dict, model=None, processor=None, logits_processor_factory=None, train_dataset=None
+):
     """A ViLaVTGRPOTrainer for a run config (`vilavt.train.config`; a dict in the YAML files' shape also works, see
     examples/configs/grpo_*.yaml). `train_dataset` (rows of `vilavt.train.data.grpo_dataset`) may replace
     `train_file`."""
