@@ -11,6 +11,9 @@ Benchmark files (REFERENCE.md §5.1) are JSON lists (or JSONL files) of items. F
   options              the options of a multiple-choice item, or null when they are inline in the question
   category / original_question_type / task   the first present one is the item's category
   num_images, visual_indices   (ERQA) checked against `images` and the `<image>` tags
+Files must be UTF-8. Field types are checked when the file is loaded (`FIELD_TYPES`: question a non-empty
+string, answer a string or a number, options a list of strings, ...); a wrong one is an error naming the
+file, the item and the field, and `--dry-run` counts the item among its errors.
 
 Questions (REFERENCE.md §2.1, the reference's HF evaluator): for a multiple-choice item with an options
 list, the options are appended, one per line; then the problem type's instruction, on its own line
@@ -39,15 +42,16 @@ items, except VSI-Bench (mean of its 8 table types' means; _easy/_medium/_hard m
 
 Results are JSON lines, one per item and sample: benchmark, id, sample, answer, response, gold, score,
 rounds, stop_reason, error. A rerun with the same file skips the (id, sample) pairs already done; pairs that
-failed (e.g. a missing image) are tried again. A failed sample scores 0 and stays in the denominator.
+failed (e.g. a missing image) are tried again. A failed sample scores 0 and stays in the denominator. A line
+an interrupted run left cut short (anywhere, even inside a UTF-8 character) is skipped, and cut off before
+the next append.
 """
 
-import argparse
 import json
 import logging
+import math
 import re
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +59,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .arguments import CommandParser, int_at_least, positive_float
+from .errors import InputError
 from .remote_code.processing_vilavt import ImageLoadError, open_image
 from .rewards import ANSWER_RE, mean_relative_accuracy, problem_kind, score_answer
+from .validation import decode_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +118,7 @@ SPAR_LEVELS = {
 }  # fmt: skip
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """A benchmark or results file, or an item, that cannot be used; the message names the file (and item)."""
 
 
@@ -137,28 +144,25 @@ def benchmark_name(path) -> str:
 
 
 def read_benchmark_records(path) -> list[dict]:
-    """The raw items of a JSON list or JSONL file; malformed JSON is an error with its line and column."""
+    """The raw items of a JSON list or JSONL file; text that is not UTF-8 and malformed JSON are errors naming
+    the file, line and column."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, error=BenchmarkError)
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                records.append(_decode_json(line, path, line_offset=number - 1))
+                records.append(decode_json(line, path, line_offset=number - 1, error=BenchmarkError))
     else:
-        records = _decode_json(text, path)
-    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question)")
+        records = decode_json(text, path, error=BenchmarkError)
+    if not isinstance(records, list):
+        kind = type(records).__name__
+        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question), got {kind}")
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise BenchmarkError(f"{path}: item {position} is {kind}, not an object (one per question)")
     return records
-
-
-def _decode_json(text: str, path: Path, line_offset: int = 0):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BenchmarkError(
-            f"{path}: invalid JSON at line {err.lineno + line_offset}, column {err.colno}: {err.msg}"
-        ) from None
 
 
 def canonical_problem_type(value) -> str:
@@ -210,21 +214,65 @@ def image_tag_offsets(question: str) -> list[int]:
     return [len("".join(parts[: k + 1])) for k in range(len(parts) - 1)]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_paths(value) -> bool:
+    return _is_path(value) or (isinstance(value, list) and all(_is_path(path) for path in value))
+
+
+# What each field must be when it is present and not null (a bool is never a number here; of alternative
+# fields, the one used). A wrong type is an error at load time: `answer: ["A"]` would otherwise be scored as
+# the text "['A']".
+FIELD_TYPES = {
+    "question_id": ("a string or an integer", lambda v: isinstance(v, str) or _is_int(v)),
+    "question": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+    "answer": (
+        "a non-empty string or a finite number",
+        lambda v: (isinstance(v, str) and bool(v.strip())) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               and math.isfinite(v)),
+    ),
+    "problem_type": ("a string", lambda v: isinstance(v, str)),
+    "options": ("a list of strings or null", lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v)),
+    "num_images": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "visual_indices": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(i) for i in v)),
+    IMAGE_FIELDS: ("a path or a list of paths (non-empty strings)", _is_paths),
+    CATEGORY_FIELDS: ("a string or an integer", lambda v: isinstance(v, str) or _is_int(v)),
+}  # fmt: skip
+
+
+def used_field(record: dict, fields: tuple[str, ...]) -> str | None:
+    """Of alternative fields (`IMAGE_FIELDS`, `CATEGORY_FIELDS`), the first one given: the one used (another
+    schema may use the others for something else, e.g. a trajectory's `frames`)."""
+    return next((field for field in fields if record.get(field) not in (None, "")), None)
+
+
+def check_field_types(record: dict) -> None:
+    """A ValueError naming the first field whose value has the wrong type (see `FIELD_TYPES`)."""
+    for field, (expected, valid) in FIELD_TYPES.items():
+        field = used_field(record, field) if isinstance(field, tuple) else field
+        value = None if field is None else record.get(field)
+        if value is not None and not valid(value):
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"`{field}` must be {expected}, got {type(value).__name__} {shown}")
+
+
 def image_paths(record: dict) -> list[str]:
-    for field in IMAGE_FIELDS:
-        value = record.get(field)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(path, str) for path in value):
-            return list(value)
-        raise ValueError(f"`{field}` must be a path or a list of paths, got {type(value).__name__}")
-    return []
+    """The item's image paths: the first of `images`, `image`, `frames` that is given (types checked)."""
+    field = used_field(record, IMAGE_FIELDS)
+    value = [] if field is None else record[field]
+    return [value] if isinstance(value, str) else list(value)
 
 
 def category_of(record: dict, benchmark: str) -> str:
-    category = next((str(record[f]) for f in CATEGORY_FIELDS if record.get(f) not in (None, "")), "all")
+    field = used_field(record, CATEGORY_FIELDS)
+    category = "all" if field is None else str(record[field])
     if VSI_BENCH.search(benchmark):
         category = VSI_DIFFICULTY.sub("", category)  # VSI-Bench scores easy/medium/hard of a type together
     return category
@@ -232,13 +280,11 @@ def category_of(record: dict, benchmark: str) -> str:
 
 def parse_item(record: dict, benchmark: str, position: int) -> Item:
     """One raw item as an `Item`; a ValueError says what is wrong (the caller adds file and id)."""
-    question = record.get("question")
-    if not isinstance(question, str):
-        raise ValueError("has no `question` text")
-    if record.get("answer") is None:
-        raise ValueError("has no `answer`")
-    if record.get("problem_type") is None:
-        raise ValueError("has no `problem_type`")
+    for field in ("question", "answer", "problem_type"):
+        if record.get(field) is None:
+            raise ValueError(f"has no `{field}`")
+    check_field_types(record)
+    question = record["question"]
     kind = canonical_problem_type(record["problem_type"])
     images = image_paths(record)
     if record.get("num_images") is not None and record["num_images"] != len(images):
@@ -256,8 +302,6 @@ def parse_item(record: dict, benchmark: str, position: int) -> Item:
             )
         question = replace_image_tags(question)
     options = record.get("options")
-    if options is not None and not isinstance(options, list):
-        raise ValueError(f"`options` must be a list or null, got {type(options).__name__}")
     return Item(
         id=str(position if record.get("question_id") is None else record["question_id"]),
         benchmark=benchmark,
@@ -551,42 +595,78 @@ def format_table(summary: dict) -> str:
 # ---- results files ----------------------------------------------------------------------------------
 
 
-def read_results(path, benchmark: str) -> dict:
-    """(id, sample) → the latest record in a results file (none if it does not exist). A line cut short by
-    an interrupted run is skipped with a warning; records of another benchmark are an error."""
+def parse_result_line(line: bytes) -> dict | None:
+    """A results line as its record, or None when it cannot be one: not UTF-8 (e.g. cut inside a multi-byte
+    character), not a JSON object, or no id, integer sample and numeric score."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
+        return None
+    number = (int, float)
+    if not isinstance(record.get("sample"), int) or not isinstance(record.get("score"), number):
+        return None
+    if isinstance(record["sample"], bool) or isinstance(record["score"], bool):
+        return None
+    return record
+
+
+def read_results(path, benchmark: str, warn: bool = True) -> dict:
+    """(id, sample) → the latest record in a results file (none if it does not exist). A line that is not a
+    record (an interrupted write, cut anywhere, even inside a character) is skipped, with a warning if `warn`;
+    records of another benchmark are an error."""
     path = Path(path)
     records = {}
     if not path.exists():
         return records
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                key = (str(record["id"]), int(record["sample"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        record = parse_result_line(line)
+        if record is None:
+            if warn:
                 logger.warning("%s:%d: unreadable result line skipped (an interrupted write?)", path, number)
-                continue
-            if record.get("benchmark") != benchmark:
-                raise BenchmarkError(
-                    f"{path}:{number}: results of benchmark {record.get('benchmark')!r}, not {benchmark!r}; "
-                    "use another --out file"
-                )
-            records[key] = record
+            continue
+        if record.get("benchmark") != benchmark:
+            raise BenchmarkError(
+                f"{path}:{number}: results of benchmark {record.get('benchmark')!r}, not {benchmark!r}; "
+                "use another --out file"
+            )
+        records[(str(record["id"]), record["sample"])] = record
     return records
 
 
+def repair_last_line(path) -> None:
+    """Before appending to a results file: a last line without its newline is completed when it is a whole
+    record, and cut off when it is not (a write interrupted mid-line; its pair is redone)."""
+    with open(path, "r+b") as results:
+        size = results.seek(0, 2)
+        if size == 0:
+            return
+        results.seek(size - 1)
+        if results.read(1) == b"\n":
+            return
+        results.seek(0)
+        data = results.read()
+        start = data.rfind(b"\n") + 1
+        if parse_result_line(data[start:]) is not None:
+            results.write(b"\n")
+        else:
+            logger.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run", path,
+                           size - start)  # fmt: skip
+            results.truncate(start)
+
+
 def append_results(path, records: list[dict]) -> None:
-    """Append records as JSON lines (after completing a line an interrupted run left unterminated)."""
+    """Append records as JSON lines (after repairing a last line an interrupted run left unterminated)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "a", encoding="utf-8") as out:
-        if needs_newline:
-            out.write("\n")
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if path.exists():
+        repair_last_line(path)
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    with open(path, "ab") as out:  # a lone surrogate (only those fail to encode) becomes its JSON escape \udXXX
+        out.write(lines.encode("utf-8", "backslashreplace"))
 
 
 def result_record(item: Item, sample: int, **fields) -> dict:
@@ -781,19 +861,21 @@ def default_out_path(benchmark_path, model: str) -> Path:
     return Path(f"{benchmark_name(benchmark_path)}.{tag}.results.jsonl")
 
 
-def eval_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
+def eval_argument_parser() -> CommandParser:
+    parser = CommandParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
     parser.add_argument("--benchmark", required=True, help="benchmark JSON (or JSONL) file")
     parser.add_argument("--image-root", required=True, help="folder the benchmark's image paths are relative to")
     parser.add_argument("--model", help="checkpoint folder, or tiny / tiny:SEED (required unless --dry-run)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--max-rounds", type=int, default=5, help="tool calls allowed per answer")
-    parser.add_argument("--avg-k", type=int, default=1, help="samples per item (Avg@k; sampling when k > 1)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N items")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1)
+    parser.add_argument("--max-rounds", type=int_at_least(0), default=5, help="tool calls allowed per answer")
+    parser.add_argument("--avg-k", type=int_at_least(1), default=1,
+                        help="samples per item (Avg@k; sampling when k > 1)")  # fmt: skip
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N items")
     parser.add_argument("--out", default=None, help="results JSONL (resumable; default BENCHMARK.MODEL.results.jsonl)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="all new tokens of one answer")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    parser.add_argument("--max-pixels", type=int, default=None, help="pixel budget the original images share")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="all new tokens of one answer")
+    parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
+    parser.add_argument("--max-pixels", type=int_at_least(1), default=None,
+                        help="pixel budget the original images share")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
     return parser
@@ -801,30 +883,28 @@ def eval_argument_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     """`vilavt eval`: prints the per-category table, then the JSON summary as the last line (with
-    --dry-run, only the dry-run JSON)."""
+    --dry-run, only the dry-run JSON). Bad input raises (`vilavt.cli.main` shows it as one line)."""
     parser = eval_argument_parser()
     args = parser.parse_args(argv)
     if not args.dry_run and not args.model:
         parser.error("--model is required (or use --dry-run)")
-    try:
-        if args.dry_run:
-            print(json.dumps(dry_run(args.benchmark, args.image_root)))
-            return 0
-        load_benchmark(args.benchmark)  # a broken file fails before the model loads
-        from .loading import load_model_and_processor
+    if args.dry_run:
+        print(json.dumps(dry_run(args.benchmark, args.image_root)))
+        return 0
+    out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
+    # A broken results or benchmark file fails before the model loads (run_eval reads them again, and warns).
+    read_results(out, benchmark_name(args.benchmark), warn=False)
+    load_benchmark(args.benchmark)
+    from .demo import load
 
-        model, processor = load_model_and_processor(args.model)
-        out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
-        generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
-        summary = run_eval(
-            args.benchmark, args.image_root, model, processor,
-            batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
-            out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
-            max_pixels=args.max_pixels, **generate_kwargs,
-        )
-    except (BenchmarkError, FileNotFoundError) as err:
-        print(f"vilavt eval: error: {err}", file=sys.stderr)
-        return 2
+    model, processor = load(args.model)
+    generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
+    summary = run_eval(
+        args.benchmark, args.image_root, model, processor,
+        batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
+        out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
+        max_pixels=args.max_pixels, **generate_kwargs,
+    )  # fmt: skip
     print(format_table(summary))
     print(f"results: {out}")
     print(json.dumps(summary, ensure_ascii=False))

@@ -21,9 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import errors_named
 from .remote_code import modeling_vilavt
 from .remote_code.configuration_vilavt import ViLaVTConfig
 from .remote_code.prompts_vilavt import PROMPTS_FILE
+from .validation import check_model_folder, check_weight_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -151,18 +153,20 @@ def init_from_base(
     from .remote_code.processing_vilavt import ViLaVTProcessor
 
     base, encoder, out = Path(base), Path(encoder), Path(out)
+    # Inputs are checked before anything is written (one-line errors naming the file).
+    base_config = check_model_folder(base, "Qwen2.5-VL folder", tokenizer=True)
+    encoder_config = check_model_folder(encoder, "Qwen3 encoder folder", tokenizer=True)
     out.mkdir(parents=True, exist_ok=True)
-    base_config = json.loads((base / "config.json").read_text())
-    encoder_config = json.loads((encoder / "config.json").read_text())
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         base_config.pop(key, None)
         encoder_config.pop(key, None)
     vision = dict(base_config.pop("vision_config", {}))
     vision.pop("model_type", None)
     vision.update(integration_point=integration_point, fullatt_block_indexes=list(fullatt_block_indexes))
-    config = ViLaVTConfig(
-        **base_config, vision_config=vision, text_encoder_config=encoder_config, max_query_length=max_query_length
-    )
+    with errors_named(f"{base / 'config.json'} with {encoder / 'config.json'}: invalid config"):
+        config = ViLaVTConfig(
+            **base_config, vision_config=vision, text_encoder_config=encoder_config, max_query_length=max_query_length
+        )
     config.architectures = ["ViLaVTForConditionalGeneration"]
     if dtype:
         config.dtype = getattr(torch, dtype)
@@ -238,9 +242,11 @@ def convert_official(src, dst, tokenizer=None, query_tokenizer=None, prompts=Non
     from .remote_code.processing_vilavt import ViLaVTProcessor
 
     src, dst = Path(src), Path(dst)
-    raw = json.loads((src / "config.json").read_text())
+    raw = check_model_folder(src, "checkpoint folder")  # before anything is written: one-line errors naming the file
     raw.pop("auto_map", None)
-    config = ViLaVTConfig(**raw)
+    with errors_named(f"{src / 'config.json'}: invalid config"):
+        config = ViLaVTConfig(**raw)
+    check_weight_shapes(src, config)
     config.architectures = ["ViLaVTForConditionalGeneration"]
     dst.mkdir(parents=True, exist_ok=True)
     expected, seen = expected_keys(config), set()
