@@ -303,22 +303,27 @@ def full_inputs(episodes: list[Episode], pad_token_id: int, padding_side: str = 
         span = slice(length - len(ep.ids), length) if padding_side == "left" else slice(0, len(ep.ids))
         input_ids[row, span] = torch.tensor(ep.ids)
         attention_mask[row, span] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs(episodes)}
+
+
+def vision_inputs(episodes: list[Episode]) -> dict:
+    """The vision part of `full_inputs`: every image and query of `episodes`, each conversation's query rows
+    offset in `image_to_query_mapping` (empty when no episode has an image)."""
     pixel_rows = [rows for ep in episodes for rows in ep.pixel_rows]
-    if pixel_rows:
-        query_rows = [q for ep in episodes for q in ep.query_ids]
-        query_length = max(q.shape[0] for q in query_rows)
-        offsets = torch.tensor([0] + [len(ep.query_ids) for ep in episodes]).cumsum(0).tolist()
-        inputs.update(
-            pixel_values=torch.cat(pixel_rows),
-            image_grid_thw=torch.tensor([g for ep in episodes for g in ep.grids], dtype=torch.long),
-            query_ids=_pad_queries(query_rows, query_length),
-            query_attention_mask=_pad_queries([m for ep in episodes for m in ep.query_mask], query_length),
-            image_to_query_mapping=torch.tensor(
-                [offsets[row] + q for row, ep in enumerate(episodes) for q in ep.mapping], dtype=torch.long
-            ),
-        )
-    return inputs
+    if not pixel_rows:
+        return {}
+    query_rows = [q for ep in episodes for q in ep.query_ids]
+    query_length = max(q.shape[0] for q in query_rows)
+    offsets = torch.tensor([0] + [len(ep.query_ids) for ep in episodes]).cumsum(0).tolist()
+    return dict(
+        pixel_values=torch.cat(pixel_rows),
+        image_grid_thw=torch.tensor([g for ep in episodes for g in ep.grids], dtype=torch.long),
+        query_ids=_pad_queries(query_rows, query_length),
+        query_attention_mask=_pad_queries([m for ep in episodes for m in ep.query_mask], query_length),
+        image_to_query_mapping=torch.tensor(
+            [offsets[row] + q for row, ep in enumerate(episodes) for q in ep.mapping], dtype=torch.long
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
