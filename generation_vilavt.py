@@ -257,7 +257,12 @@ def full_inputs(episodes: list[Episode], pad_token_id: int, padding_side: str = 
         span = slice(length - len(ep.ids), length) if padding_side == "left" else slice(0, len(ep.ids))
         input_ids[row, span] = ep.ids_tensor()
         attention_mask[row, span] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **batch_vision([episode_vision(ep) for ep in episodes])}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs(episodes)}
+
+
+def vision_inputs(episodes: list[Episode]) -> dict:
+    """The vision part of `full_inputs`: every image and query of `episodes` (empty when none has an image)."""
+    return batch_vision([episode_vision(ep) for ep in episodes])
 
 
 # --------------------------------------------------------------------------------------------------

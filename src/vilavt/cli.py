@@ -4,8 +4,9 @@
     vilavt chat --image PATH [--image PATH ...] --question TEXT [--model M] [--out PNG]
     vilavt synth-eval --n N --seed S [--type T] [--no-tools] [--initial-max-pixels P] [--model M] [--no-progress]
     vilavt init --base QWEN2_5_VL --encoder QWEN3_EMBEDDING --out DIR     assemble a starting checkpoint
-    vilavt sft  --config FILE.yaml [--key value ...]                         stage 1 (TRL SFTTrainer)
-    vilavt grpo --config FILE.yaml [--key value ...]                         stage 2 (TRL GRPOTrainer)
+    vilavt synth-data --out DIR [--n N]                                      synthetic SFT trajectories + GRPO questions
+    vilavt sft  --config FILE.yaml [--key value ...]                         stage 1 (TRL SFTTrainer; --help: every key)
+    vilavt grpo --config FILE.yaml [--key value ...]                         stage 2 (TRL GRPOTrainer; --help: every key)
     vilavt eval --benchmark FILE.json --image-root DIR --model M [...]      the paper's benchmarks
     vilavt convert SRC DST [--tokenizer DIR] [--query-tokenizer DIR] [--prompts-from REPO]
                                                                              official checkpoint -> plug-in folder
@@ -14,9 +15,9 @@
     vilavt export DST [--src SRC]                                            a self-contained remote-code folder
     vilavt push DIR REPO_ID [--private] [--dry-run] [--base-model ID ...]   upload a checkpoint folder
 
-Any key of a run config can be overridden on the command line (`--max_steps 3`, `--lora.r 8`). For several
-GPUs, launch through accelerate: `accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml
--m vilavt.cli sft --config examples/configs/sft_7b.yaml`.
+Any key of a run config can be overridden on the command line (`--max_steps 3`, `--lora_r 8`). For several
+processes, launch through accelerate: `accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml
+-m vilavt.cli sft --config examples/configs/sft_7b.yaml` (on CPU: examples/accelerate/cpu_ddp.yaml).
 
 Errors in what you give a command (files, folders, values) are one line on stderr, `vilavt CMD: error: ...`,
 with exit status 2; `vilavt --debug CMD ...` (or VILAVT_DEBUG=1) shows their traceback. Anything else is a
@@ -33,17 +34,54 @@ from .arguments import CommandParser, choice_list, int_at_least, int_list
 
 
 def _train(stage: str, argv: list[str]) -> int:
-    from .train.common import load_run_config, parse_overrides
+    from .train.config import ConfigError, parse_run_config
 
-    parser = argparse.ArgumentParser(prog=f"vilavt {stage}", description=f"{stage.upper()} from a run config")
-    parser.add_argument("--config", required=True, help="YAML run config (see examples/configs)")
-    args, rest = parser.parse_known_args(argv)
-    config = load_run_config(args.config, parse_overrides(rest))
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "WORLD_SIZE" not in os.environ:
+        logging.getLogger("vilavt").warning(
+            "training in ONE CPU process: `accelerate launch --cpu` uses the single-process launcher whatever "
+            "--num_processes says. Several CPU processes: ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch "
+            "--config_file examples/accelerate/cpu_ddp.yaml -m vilavt.cli %s ...", stage
+        )
+    try:
+        config = parse_run_config(stage, argv)
+    except ConfigError as err:
+        print(f"vilavt {stage}: error: {err}", file=sys.stderr)
+        return 2
     if stage == "sft":
         from .train.sft import run_sft as run
     else:
         from .train.grpo import run_grpo as run
-    print(f"saved {run(config)}")
+    from .loading import ModelLoadError
+    from .remote_code.processing_vilavt import ImageLoadError
+    from .trajectories import TrajectoryError
+
+    try:
+        folder = run(config)
+    except (ConfigError, ModelLoadError, TrajectoryError, ImageLoadError) as err:
+        print(f"vilavt {stage}: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
+        print(f"saved {folder}")
+    return 0
+
+
+def _synth_data(argv: list[str]) -> int:
+    parser = CommandParser(
+        prog="vilavt synth-data", description="synthetic zoom tasks for the training quickstart (train.jsonl + rl.jsonl)"
+    )
+    parser.add_argument("--out", required=True, help="folder (examples/configs/*_tiny.yaml read outputs/synth)")
+    parser.add_argument("--n", type=int_at_least(1), default=200, help="gold trajectories for SFT (every task kind)")
+    parser.add_argument("--rl-n", type=int_at_least(1), default=None, help="questions with answers for GRPO (default: --n)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="first task seed (held-out tasks start at 10^7)")
+    parser.add_argument("--model", default="tiny-demo", help="the model whose image budget the tasks are laid out for")
+    parser.add_argument("--workers", type=int_at_least(1), default=1, help="processes drawing the images")
+    args = parser.parse_args(argv)
+    from .loading import load_model_and_processor
+    from .synthetic import write_training_sets
+
+    _, processor = load_model_and_processor(args.model)
+    for split, path in write_training_sets(args.out, args.n, processor, args.rl_n, args.seed, args.workers).items():
+        print(f"wrote {path} ({split})")
     return 0
 
 
@@ -221,6 +259,7 @@ COMMANDS = {
     "chat": _chat,
     "synth-eval": _synth_eval,
     "init": _init,
+    "synth-data": _synth_data,
     "sft": lambda argv: _train("sft", argv),
     "grpo": lambda argv: _train("grpo", argv),
     "eval": _eval,

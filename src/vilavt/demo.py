@@ -48,7 +48,7 @@ def shipped_checkpoint() -> Path:
 
 def load(model: str | None = None):
     """(model, processor): a checkpoint folder or hub id, `tiny[:SEED]`, or by default the shipped checkpoint."""
-    from .train.common import load_model_and_processor
+    from .loading import load_model_and_processor
     from .validation import loading_model
 
     name = str(model or shipped_checkpoint())

@@ -384,8 +384,14 @@ def make_vilavt_reward(acc_weight: float = 0.5, format_weight: float = 0.5, *, t
     options = dict(acc_weight=acc_weight, format_weight=format_weight, tool_format=tool_format,
                    answer_tag=answer_tag, free_text=free_text)  # fmt: skip
 
-    def vilavt_reward(completions, answer, problem_type, prompt_text=None, stop_reason=None, **kwargs) -> list[float]:
-        return [p.overall for p in _score_all(completions, answer, problem_type, prompt_text, stop_reason, **options)]
+    def vilavt_reward(
+        completions, answer, problem_type, prompt_text=None, stop_reason=None, log_metric=None, **kwargs
+    ) -> list[float]:
+        parts = _score_all(completions, answer, problem_type, prompt_text, stop_reason, **options)
+        if log_metric is not None:  # TRL's GRPOTrainer: log the two parts beside the reward
+            log_metric("vilavt/accuracy", sum(p.accuracy for p in parts) / len(parts))
+            log_metric("vilavt/format_rate", sum(p.format for p in parts) / len(parts))
+        return [p.overall for p in parts]
 
     return vilavt_reward
 
