@@ -104,7 +104,7 @@ def prepare_image(image: Image.Image, *, convert: bool = True) -> Image.Image:
     * upright: the EXIF orientation applied (the same image back when there is none to apply);
     * 16-bit (`I;16`), 32-bit integer (`I`) and float (`F`) images mapped from their own value range to
       8 bits, where PIL's conversion would clip every value above 255 to white;
-    * RGB (`convert=False` keeps the mode);
+    * RGB, transparency composited on white (`convert=False` keeps the mode);
     * at most 200:1: a longer image is padded at its bottom or right edge, so that every pixel keeps its
       coordinates (boxes and crops on it map to the file's own pixels).
     """
@@ -115,10 +115,17 @@ def prepare_image(image: Image.Image, *, convert: bool = True) -> Image.Image:
         if image.mode in ("I", "F") or image.mode.startswith("I;16"):
             image = _to_8bit(image)
         if convert and image.mode != "RGB":
-            image = image.convert("RGB")
+            image = to_rgb(image)
     except (OSError, ValueError) as err:
         raise ImageLoadError(f"{name}: cannot read image ({err})") from None
     return _pad_to_aspect_limit(image, name)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited on white (as qwen-vl-utils and transformers' image processors do)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def prepare_images(images, *, convert: bool = True):
@@ -201,6 +208,7 @@ __all__ = [
     "displayed_size",
     "fit_image",
     "pixels_to_images",
+    "to_rgb",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_PIXELS",
     "MAX_ASPECT_RATIO",
