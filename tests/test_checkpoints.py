@@ -165,7 +165,7 @@ def test_push_uploads_exactly_the_checkpoint(checkpoint):
 
 def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="missing configuration_vilavt.py, modeling_vilavt.py, processing_vilavt.py"):
+    with pytest.raises(ValueError, match="missing configuration_vilavt.py, .*modeling_vilavt.py, processing_vilavt.py, prompts_vilavt.py"):
         push(tmp_path, "someone/x", dry_run=True)
 
 
