@@ -104,7 +104,7 @@ def prepare_image(image: Image.Image, *, convert: bool = True) -> Image.Image:
     * upright: the EXIF orientation applied (the same image back when there is none to apply);
     * 16-bit (`I;16`), 32-bit integer (`I`) and float (`F`) images mapped from their own value range to
       8 bits, where PIL's conversion would clip every value above 255 to white;
-    * RGB (`convert=False` keeps the mode);
+    * RGB, transparency composited on white (`convert=False` keeps the mode);
     * at most 200:1: a longer image is padded at its bottom or right edge, so that every pixel keeps its
       coordinates (boxes and crops on it map to the file's own pixels).
     """
@@ -115,10 +115,17 @@ def prepare_image(image: Image.Image, *, convert: bool = True) -> Image.Image:
         if image.mode in ("I", "F") or image.mode.startswith("I;16"):
             image = _to_8bit(image)
         if convert and image.mode != "RGB":
-            image = image.convert("RGB")
+            image = to_rgb(image)
     except (OSError, ValueError) as err:
         raise ImageLoadError(f"{name}: cannot read image ({err})") from None
     return _pad_to_aspect_limit(image, name)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited on white (as qwen-vl-utils and transformers' image processors do)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def prepare_images(images, *, convert: bool = True):
@@ -176,6 +183,23 @@ def fit_image(image: Image.Image, max_pixels: int, min_pixels: int = DEFAULT_MIN
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
+def pixels_to_images(pixel_values, grids, image_processor) -> list[Image.Image]:
+    """Displayed images rebuilt from patch rows (undo normalisation and patchify) — the fallback source
+    of crops when `generate` is not given the original images."""
+    mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(3, 1, 1)
+    patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    images, start = [], 0
+    for t, h, w in grids.tolist() if torch.is_tensor(grids) else grids:
+        rows = pixel_values[start : start + t * h * w].float().cpu()
+        start += t * h * w
+        x = rows[: h * w].view(h // merge, w // merge, merge, merge, 3, temporal, patch, patch)[..., 0, :, :]
+        x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * patch, w * patch)
+        array = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        images.append(Image.fromarray(array))
+    return images
+
+
 __all__ = [
     "ImageLoadError",
     "open_image",
@@ -183,6 +207,8 @@ __all__ = [
     "prepare_images",
     "displayed_size",
     "fit_image",
+    "pixels_to_images",
+    "to_rgb",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_PIXELS",
     "MAX_ASPECT_RATIO",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import Qwen3Model
-from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -34,8 +33,7 @@ from transformers.utils.generic import is_flash_attention_requested
 from transformers.vision_utils import get_vision_position_ids
 
 from .configuration_vilavt import ViLaVTConfig, ViLaVTVisionConfig
-from .generation_vilavt import ChatSession, ViLaVTGenerateOutput, episodes_from_inputs
-from .processing_vilavt import ViLaVTProcessor, open_image
+from .generation_vilavt import ViLaVTChatMixin
 
 logger = logging.get_logger(__name__)
 
@@ -423,6 +421,7 @@ class ViLaVTModel(Qwen2_5_VLModel):
         image_to_query_mapping: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         mm_encoder_outputs: dict | None = None,
+        originals: list | None = None,  # the images the processor carries for generate's crops; not used here
         **kwargs,
     ):
         if pixel_values is not None:
@@ -449,9 +448,10 @@ class ViLaVTModel(Qwen2_5_VLModel):
         )
 
 
-class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class ViLaVTForConditionalGeneration(ViLaVTChatMixin, Qwen2_5_VLForConditionalGeneration):
     """ViLaVT with its language-model head. Extra forward inputs: `query_ids`, `query_attention_mask`,
-    `image_to_query_mapping` (see `ViLaVTModel.get_image_features`)."""
+    `image_to_query_mapping` (see `ViLaVTModel.get_image_features`). `generate` runs the chatting loop and
+    `chat` asks one question (`generation_vilavt.ViLaVTChatMixin`)."""
 
     config: ViLaVTConfig
     _no_split_modules = ViLaVTModel._no_split_modules
@@ -463,178 +463,6 @@ class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.model = ViLaVTModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    # ---- chatting with images -------------------------------------------------------------------
-
-    DEFAULT_MAX_NEW_TOKENS = 8192
-
-    def _chat_processor(self, processor=None) -> ViLaVTProcessor:
-        """The processor the loop renders tool responses with: given, or the one saved with the checkpoint."""
-        if processor is not None:
-            self._vilavt_processor = processor
-        if getattr(self, "_vilavt_processor", None) is None:
-            try:
-                self._vilavt_processor = ViLaVTProcessor.from_pretrained(self.name_or_path)
-            except (OSError, ValueError, TypeError) as err:
-                raise ValueError(
-                    "generate() renders tool responses with the ViLaVT processor; pass `processor=` (no processor "
-                    f"could be loaded from {self.name_or_path!r}: {err})"
-                ) from err
-        return self._vilavt_processor
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        query_ids: torch.LongTensor | None = None,
-        query_attention_mask: torch.Tensor | None = None,
-        image_to_query_mapping: torch.LongTensor | None = None,
-        *,
-        images: list | None = None,
-        processor: ViLaVTProcessor | None = None,
-        max_rounds: int = 5,
-        max_regions: int = 8,
-        max_turn_tokens: int | None = None,
-        incremental: bool = True,
-        output_logprobs: bool = False,
-        generation_config=None,
-        logits_processor: LogitsProcessorList | None = None,
-        stopping_criteria: StoppingCriteriaList | None = None,
-        streamer=None,
-        mm_token_type_ids=None,
-        **kwargs,
-    ):
-        r"""Generate with the ViLaVT tool loop: decode until `</tool>` or an answer; on a tool call crop the
-        regions from the original images, encode only the new crops jointly with the call's query,
-        append the tool response to the live KV cache and resume.
-
-        Args:
-            input_ids, attention_mask, pixel_values, image_grid_thw, query_*, image_to_query_mapping:
-                the processor's outputs for a batch of conversations (`apply_chat_template(...,
-                tokenize=True, return_dict=True)`).
-            images: per row, the original images (paths or PIL) to crop from at full resolution. Without
-                them crops come from the displayed images (lower resolution; a warning is logged).
-            processor: the ViLaVT processor (default: the one saved with the checkpoint).
-            max_rounds: tool calls allowed per sequence; the last tool response asks for the answer, and a
-                further call ends the episode.
-            max_regions: regions allowed in one call (more is an error the model reads).
-            max_turn_tokens: cap on sampled tokens per assistant turn.
-            incremental: False runs the reference-style loop (rebuild and re-encode everything each round).
-            output_logprobs: record log p(token) of each sampled token under softmax(logits / temperature).
-            generation_config / kwargs: as in transformers (`do_sample`, `temperature`, `top_p`,
-                `num_return_sequences`, `max_new_tokens` — the budget of all new tokens of a sequence, tool
-                responses included, default 8192 —, `output_logits`, `return_dict_in_generate`, ...).
-            logits_processor, stopping_criteria, streamer: as in transformers (the streamer also receives
-                the injected tool responses; batch size 1).
-
-        Returns:
-            `ViLaVTGenerateOutput` with `sequences`, `sampled_mask`, `traces`, `episodes` (and `logits`
-            with `output_logits=True`) if `return_dict_in_generate`, else the `sequences` tensor.
-        """
-        if input_ids is None:
-            raise ValueError("generate() needs input_ids (use the processor's apply_chat_template(..., tokenize=True))")
-        processor = self._chat_processor(processor)
-        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        unused = {k for k in model_kwargs if k not in ("output_attentions", "output_hidden_states", "use_cache")}
-        if unused:
-            raise ValueError(f"generate() got unexpected arguments: {sorted(unused)}")
-        if generation_config.num_beams not in (None, 1):
-            raise ValueError("beam search is not supported by the ViLaVT tool loop; use greedy or sampling")
-        self._prepare_special_tokens(generation_config, attention_mask is not None, device=self.device)
-        episodes = episodes_from_inputs(
-            self.config,
-            processor,
-            input_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            query_ids,
-            query_attention_mask,
-            image_to_query_mapping,
-            images,
-        )
-        copies = generation_config.num_return_sequences or 1
-        episodes = [ep if i == 0 else ep.clone() for ep in episodes for i in range(copies)]
-        if streamer is not None and len(episodes) > 1:
-            raise ValueError("a streamer needs a batch of one sequence")
-        # Image / video placeholders are never sampled: their features come only from the processor.
-        placeholders = {self.config.image_token_id, self.config.video_token_id}
-        generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | placeholders)
-        logits_processor = self._get_logits_processor(
-            generation_config,
-            input_ids_seq_length=input_ids.shape[1],
-            encoder_input_ids=input_ids,
-            logits_processor=logits_processor or LogitsProcessorList(),
-            device=self.device,
-            model_kwargs=model_kwargs,
-        )
-        session = ChatSession(
-            self,
-            processor,
-            generation_config,
-            logits_processor,
-            stopping_criteria or StoppingCriteriaList(),
-            streamer=streamer,
-            max_rounds=max_rounds,
-            max_regions=max_regions,
-            max_new_tokens=generation_config.max_new_tokens or self.DEFAULT_MAX_NEW_TOKENS,
-            max_turn_tokens=max_turn_tokens,
-            incremental=incremental,
-            output_logits=bool(generation_config.output_logits),
-            output_logprobs=output_logprobs,
-        )
-        session.run(episodes)
-
-        prompts = input_ids.repeat_interleave(copies, dim=0).cpu()
-        width = prompts.shape[1] + max(ep.new_tokens for ep in episodes)
-        pad = session.pad_id
-        sequences = torch.full((len(episodes), width), pad, dtype=torch.long)
-        sampled_mask = torch.zeros((len(episodes), width), dtype=torch.bool)
-        for row, ep in enumerate(episodes):
-            new = ep.ids[ep.prompt_length :]
-            sequences[row, : prompts.shape[1]] = prompts[row]
-            sequences[row, prompts.shape[1] : prompts.shape[1] + len(new)] = torch.tensor(new, dtype=torch.long)
-            sampled_mask[row, prompts.shape[1] : prompts.shape[1] + len(new)] = torch.tensor(
-                ep.sampled[ep.prompt_length :], dtype=torch.bool
-            )
-        sequences = sequences.to(self.device)
-        if not generation_config.return_dict_in_generate:
-            return sequences
-        return ViLaVTGenerateOutput(
-            sequences=sequences,
-            sampled_mask=sampled_mask.to(self.device),
-            traces=[ep.trace for ep in episodes],
-            episodes=episodes,
-            logits=[torch.stack(ep.logits) if ep.logits else None for ep in episodes]
-            if generation_config.output_logits
-            else None,
-            logprobs=[torch.tensor(ep.logprobs) for ep in episodes] if output_logprobs else None,
-        )
-
-    def chat(self, images, question: str, processor: ViLaVTProcessor | None = None, **generate_kwargs):
-        """Ask `question` about one or more images (paths or PIL; video = a list of frames).
-
-        Returns `(answer, trace)`: the text of the final <answer> (None if the model gave none) and the
-        `Trace` of every round (`trace.save_png(path)` draws it).
-        """
-        processor = self._chat_processor(processor)
-        originals = [open_image(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
-        messages = [
-            {
-                "role": "user",
-                "content": [*({"type": "image", "image": im} for im in originals), {"type": "text", "text": question}],
-            }
-        ]
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(self.device)
-        generate_kwargs["return_dict_in_generate"] = True
-        output = self.generate(**inputs, images=[originals], processor=processor, **generate_kwargs)
-        trace = output.traces[0]
-        return trace.answer, trace
 
 
 ViLaVTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

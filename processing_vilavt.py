@@ -21,7 +21,9 @@ Image items may carry `width`/`height` (displayed size); `apply_chat_template` f
 
 import json
 import os
+from collections import OrderedDict
 
+import torch
 from PIL import Image
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
@@ -37,7 +39,7 @@ from .images_vilavt import (  # noqa: F401  (re-exported: part of the processor 
     open_image,
     prepare_images,
 )
-from .prompts_vilavt import PROMPTS_FILE, as_prompts, default_prompts, is_image_item
+from .prompts_vilavt import PROMPTS_FILE, TOOL_RESPONSE_OPEN, as_prompts, default_prompts, is_image_item
 
 logger = logging.get_logger(__name__)
 
@@ -116,6 +118,31 @@ def _copied(message: dict) -> dict:
     return {**message, "content": content}
 
 
+def batch_vision(samples: list[dict]) -> dict:
+    """The vision inputs of several conversations as one batch — the one place query rows are batched.
+
+    Each sample holds a conversation's `query_ids` / `query_attention_mask` ([Q_i, T_i]) and
+    `image_to_query_mapping` ([N_i], rows of that conversation), and optionally its `pixel_values` and
+    `image_grid_thw`. Query rows are right-padded to the longest T (a query's valid slots, hence their rotary
+    positions, stay where they are) and each conversation's mapping is offset by the query rows before it.
+    """
+    samples = [s for s in samples if s.get("image_to_query_mapping") is not None]
+    if not samples:
+        return {}
+    length = max(s["query_ids"].shape[1] for s in samples)
+    pad = lambda rows: torch.nn.functional.pad(rows, (0, length - rows.shape[1]))  # noqa: E731
+    offsets = torch.tensor([0] + [s["query_ids"].shape[0] for s in samples[:-1]]).cumsum(0).tolist()
+    batch = {
+        "query_ids": torch.cat([pad(s["query_ids"]) for s in samples]),
+        "query_attention_mask": torch.cat([pad(s["query_attention_mask"]) for s in samples]),
+        "image_to_query_mapping": torch.cat([s["image_to_query_mapping"] + o for s, o in zip(samples, offsets)]),
+    }
+    for key in ("pixel_values", "image_grid_thw"):
+        if all(key in s for s in samples):
+            batch[key] = torch.cat([s[key] for s in samples])
+    return batch
+
+
 class ViLaVTProcessor(Qwen2_5_VLProcessor):
     r"""Image processor (PIL, no torchvision), Qwen tokenizer, query tokenizer and the ViLaVT chat template.
 
@@ -156,6 +183,7 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         default = default_prompts(prompt_style)  # also checks prompt_style when templates are given
         self.prompts = default if prompt_templates is None else as_prompts(prompt_templates)
         self.prompt_style = prompt_style
+        self._stated_sizes = OrderedDict()  # rendered text -> the displayed sizes it states (see __call__)
         if isinstance(chat_template, str) and all(mark in chat_template for mark in _LEGACY_TEMPLATE_MARKS):
             logger.info("replacing a chat template that carries its own wording with the assembler of the templates")
             chat_template = None
@@ -209,19 +237,24 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
     # ---- images -------------------------------------------------------------------------------
 
     def fit_originals(self, images: list, max_pixels: int | None = None, fitted: dict | None = None) -> list:
-        """Load the original images of one conversation and resize them to their displayed size; they
-        share the pixel budget (each gets `max_pixels / N`, REFERENCE.md §2.6). `fitted` memoises the
-        results per source and budget across the conversations of a batch (GRPO repeats each prompt)."""
+        """The original images of one conversation resized to their displayed size; they share the pixel
+        budget (each gets `max_pixels / N`, REFERENCE.md §2.6). `fitted` memoises the results per source and
+        budget across the conversations of a batch (GRPO repeats each prompt)."""
+        return self._open_and_fit(images, max_pixels, fitted)[1]
+
+    def _open_and_fit(self, images: list, max_pixels: int | None, fitted: dict | None) -> tuple[list, list]:
+        """(originals opened upright at full resolution, their displayed-size versions), as `fit_originals`."""
         budget, smallest = self.original_budget(len(images), max_pixels)
         fitted = {} if fitted is None else fitted
-        results = []
+        pairs = []
         for image in images:
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
             key = (source, budget, smallest)
             if key not in fitted:
-                fitted[key] = fit_image(open_image(image), budget, smallest, self.patch_factor)
-            results.append(fitted[key])
-        return results
+                original = open_image(image)
+                fitted[key] = (original, fit_image(original, budget, smallest, self.patch_factor))
+            pairs.append(fitted[key])
+        return [original for original, _ in pairs], [shown for _, shown in pairs]
 
     def original_budget(self, count: int, max_pixels: int | None = None) -> tuple[int, int]:
         """(max, min) pixel area of each of `count` original images. An explicit `max_pixels` below
@@ -252,68 +285,117 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
             raise ValueError("tokenize_queries needs at least one query (use '' for an empty query)")
         if not all(isinstance(q, str) for q in queries):
             raise ValueError(f"queries must be strings, got {[type(q).__name__ for q in queries]}")
-        tokenizer = self.query_tokenizer
-        full_lengths = [len(ids) for ids in tokenizer(queries)["input_ids"]]
-        encoding = tokenizer(
-            queries,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_query_length,
-            return_tensors=return_tensors,
-        )
-        for row, query in enumerate(queries):
-            if not query:
-                encoding["attention_mask"][row] = 0
-        truncated = [length > self.max_query_length for length in full_lengths]
-        return BatchFeature(
-            {"query_ids": encoding["input_ids"], "query_attention_mask": encoding["attention_mask"]},
-            tensor_type=return_tensors,
-        ), truncated
+        # One pass: a query cut to max_query_length also yields overflow rows, which say it was cut.
+        encoding = self.query_tokenizer(
+            queries, padding="max_length", truncation=True, max_length=self.max_query_length,
+            return_overflowing_tokens=True,
+        )  # fmt: skip
+        owners = encoding["overflow_to_sample_mapping"]
+        first = {}
+        for row, owner in enumerate(owners):
+            first.setdefault(owner, row)
+        rows = [first[i] for i in range(len(queries))]
+        ids = torch.tensor([encoding["input_ids"][row] for row in rows])
+        mask = torch.tensor([encoding["attention_mask"][row] for row in rows])
+        mask[torch.tensor([not q for q in queries])] = 0
+        truncated = [owners.count(i) > 1 for i in range(len(queries))] if len(owners) > len(queries) else [False] * len(queries)
+        return BatchFeature({"query_ids": ids, "query_attention_mask": mask}, tensor_type=return_tensors), truncated
 
     # ---- calling ------------------------------------------------------------------------------
 
-    def __call__(self, images=None, text=None, queries=None, image_to_query_mapping=None, **kwargs):
-        """Stock Qwen2.5-VL processing plus query tensors.
-
-        Images are used at the size given (rounded to patch multiples within [min_pixels, max_pixels]);
-        `apply_chat_template` / `fit_originals` size the originals. `queries` (one string per query
-        row) and `image_to_query_mapping` (one row index per image) default to one empty query per
-        image. For a batch of texts pass per-sample lists; rows are offset across samples.
-        """
-        images = prepare_images(images, convert=False)  # upright, 8-bit, <= 200:1: what open_image gives the crops
+    def encode(self, text=None, images=None, **kwargs) -> BatchFeature:
+        """Stock Qwen2.5-VL processing of `text` with `images` taken at the size given (they are already
+        displayed-size: the sizes the text states), without query tensors."""
         kwargs.setdefault("images_kwargs", {})
         kwargs["images_kwargs"].setdefault("size", self.size_keeping(images))
-        outputs = super().__call__(images=images, text=text, **kwargs)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def __call__(self, images=None, text=None, queries=None, image_to_query_mapping=None, images_sized=False, **kwargs):
+        """Stock Qwen2.5-VL processing plus query tensors and the originals.
+
+        Each text's images are shown at the sizes the text states: the sizes `apply_chat_template(...,
+        tokenize=False)` stated for that text, or else the ViLaVT rule (the originals of a conversation — the
+        images before its first tool response — share `max_pixels`; crops fit `crop_max_pixels`).
+        `images_sized=True`: the images are already displayed-size (`apply_chat_template` passes them so).
+        `queries` (one string per query row, or their `tokenize_queries` encoding) and `image_to_query_mapping`
+        (one row index per image) default to one empty query per image; for a batch of texts pass per-sample
+        lists (rows are offset across samples). The output's `originals` holds each sample's original images
+        (upright, full resolution), which `generate` crops from.
+        """
+        images = prepare_images(images, convert=False)  # upright, 8-bit, <= 200:1: what open_image gives the crops
         if images is None:
-            return outputs
+            return self.encode(text=text, **kwargs)
+        texts = [text] if isinstance(text, str) else list(text or [])
+        originals = self._images_per_text(images, texts)
+        shown = originals if images_sized or not texts else [self._sized_as_stated(t, o) for t, o in zip(texts, originals)]
+        outputs = self.encode(text=text, images=[image for sample in shown for image in sample] or None, **kwargs)
         num_images = len(outputs["image_grid_thw"])
-        if queries is None:
-            queries, mapping = [""] * num_images, list(range(num_images))
-        elif queries and isinstance(queries[0], (list, tuple)):  # per-sample lists
-            if image_to_query_mapping is None or len(image_to_query_mapping) != len(queries):
-                raise ValueError("per-sample queries need a per-sample image_to_query_mapping of the same length")
-            mapping, offset = [], 0
-            for sample_queries, sample_mapping in zip(queries, image_to_query_mapping):
-                mapping += [offset + int(q) for q in sample_mapping]
-                offset += len(sample_queries)
-            queries = [q for sample_queries in queries for q in sample_queries]
-        else:
+        if isinstance(queries, BatchFeature):  # already tokenized (the chatting loop's tool responses)
+            encoding = queries
             mapping = list(range(num_images)) if image_to_query_mapping is None else list(image_to_query_mapping)
+        else:
+            if queries is None:
+                queries, mapping = [""] * num_images, list(range(num_images))
+            elif queries and isinstance(queries[0], (list, tuple)):  # per-sample lists
+                if image_to_query_mapping is None or len(image_to_query_mapping) != len(queries):
+                    raise ValueError("per-sample queries need a per-sample image_to_query_mapping of the same length")
+                encodings = [self.tokenize_queries(q)[0] for q in queries]
+                batch = batch_vision(
+                    [{**e, "image_to_query_mapping": torch.tensor(m, dtype=torch.long)} for e, m in zip(encodings, image_to_query_mapping)]
+                )
+                queries, mapping = None, batch.pop("image_to_query_mapping").tolist()
+                encoding = BatchFeature(batch)
+            else:
+                mapping = list(range(num_images)) if image_to_query_mapping is None else list(image_to_query_mapping)
+            if queries is not None:
+                encoding, _ = self.tokenize_queries(queries, return_tensors="pt")
         if len(mapping) != num_images:
             raise ValueError(f"image_to_query_mapping has {len(mapping)} entries but {num_images} images were given")
-        encoding, _ = self.tokenize_queries(queries, return_tensors="pt")
         outputs.update(encoding)
-        outputs["image_to_query_mapping"] = BatchFeature({"m": [mapping]}, tensor_type="pt")["m"][0]
+        outputs["image_to_query_mapping"] = torch.tensor(mapping, dtype=torch.long)
+        outputs["originals"] = originals  # not a tensor: left alone by .to(device) and by the model's forward
         return outputs
+
+    def _images_per_text(self, images, texts: list[str]) -> list[list]:
+        """`images` (flat, or one list per text) as one list per text, by the image placeholders of each text."""
+        if not texts:
+            return [[image] for image in _flat_images(images)]
+        if isinstance(images, (list, tuple)) and images and all(isinstance(part, (list, tuple)) for part in images):
+            nested = [list(part) for part in images]
+        else:
+            flat, counts, nested = _flat_images(images), [t.count(self.image_token) for t in texts], []
+            if sum(counts) != len(flat):
+                raise ValueError(f"the text holds {sum(counts)} {self.image_token} placeholders but {len(flat)} images were given")
+            for count in counts:
+                nested.append(flat[:count])
+                flat = flat[count:]
+        if len(nested) != len(texts):
+            raise ValueError(f"{len(nested)} lists of images were given for {len(texts)} texts")
+        return nested
+
+    def _sized_as_stated(self, text: str, images: list) -> list:
+        """`images` (one text's, in order) at the displayed sizes `text` states."""
+        stated = self._stated_sizes.get(text)
+        if stated is not None and len(stated) == len(images):
+            return [im if im.size == size else im.resize(size, Image.Resampling.BICUBIC) for im, size in zip(images, stated)]
+        count = text.split(TOOL_RESPONSE_OPEN, 1)[0].count(self.image_token)  # the originals: before any tool response
+        budget, smallest = self.original_budget(count)
+        return [
+            fit_image(image, budget, smallest, self.patch_factor)
+            if i < count
+            else fit_image(image, self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
+            for i, image in enumerate(images)
+        ]
 
     def prepare_conversation(
         self, conversation: list[dict], images: list | None = None, max_pixels: int | None = None, fitted=None
-    ) -> list[dict]:
+    ) -> tuple[list[dict], list]:
         """A copy of `conversation` whose image items hold displayed-size images and their `width` /
-        `height`, as the prompts need; a video item becomes one image item per frame. Originals (user
-        turns) share the pixel budget; tool-turn images (crops) keep their size. `images` fills image
-        items that carry no image of their own (TRL-style placeholders), in order. `max_pixels`
-        overrides the originals' shared budget; `fitted` is `fit_originals`' memo."""
+        `height`, as the prompts need, and its originals (upright, full resolution); a video item becomes one
+        image item per frame. Originals (user turns) share the pixel budget; tool-turn images (crops) are
+        fitted to the crop budget unless they carry their displayed size already. `images` fills image items
+        that carry no image of their own (TRL-style placeholders), in order. `max_pixels` overrides the
+        originals' shared budget; `fitted` is `fit_originals`' memo."""
         conversation = [_copied(message) for message in conversation]
         pending = list(images or [])
         items_by_role = {"user": [], "tool": []}
@@ -331,31 +413,51 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
                 found = pending.pop(0)
             return found
 
-        originals = self.fit_originals([source(item) for item in items_by_role["user"]], max_pixels, fitted)
-        crops = [
-            fit_image(open_image(source(item)), self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
-            for item in items_by_role["tool"]
-        ]
-        for item, image in zip(items_by_role["user"] + items_by_role["tool"], originals + crops):
+        def crop(item):
+            image = source(item)
+            if isinstance(image, Image.Image) and image.size == (item.get("width"), item.get("height")):
+                return image  # a crop the loop already sized
+            return fit_image(open_image(image), self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
+
+        originals, shown = self._open_and_fit([source(item) for item in items_by_role["user"]], max_pixels, fitted)
+        crops = [crop(item) for item in items_by_role["tool"]]
+        for item, image in zip(items_by_role["user"] + items_by_role["tool"], shown + crops):
             for key in ("image_url", "path", "url"):
                 item.pop(key, None)
             item.update(type="image", image=image, width=image.width, height=image.height)
-        return conversation
+        return conversation, originals
 
     def apply_chat_template(self, conversation, chat_template=None, images=None, max_pixels=None, **kwargs):
         """Render (and optionally tokenize) ViLaVT conversations with the processor's prompt templates; image
         items are sized first so the prompt states the displayed sizes the model must use for boxes
-        (`max_pixels` overrides the originals' budget)."""
+        (`max_pixels` overrides the originals' budget).
+
+        Tokenized, text the conversation holds (questions, tool-response errors) is encoded as text even where
+        it spells a control token (transformers' `sanitize_control_tokens`), unless assistant masks are asked
+        for; the output's `originals` holds each conversation's original images. As text, the sizes it states are
+        remembered, so that `processor(text=..., images=...)` encodes exactly them."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        if batched:
-            fitted = {}
-            conversation = [
-                self.prompts.render(self.prepare_conversation(c, max_pixels=max_pixels, fitted=fitted))
-                for c in conversation
-            ]
-        else:
-            conversation = self.prompts.render(self.prepare_conversation(conversation, images, max_pixels))
-        return super().apply_chat_template(conversation, chat_template, **kwargs)
+        fitted = {}
+        prepared = [
+            self.prepare_conversation(c, None if batched else images, max_pixels, fitted)
+            for c in (conversation if batched else [conversation])
+        ]
+        rendered = [self.prompts.render(c) for c, _ in prepared]
+        tokenize = kwargs.get("tokenize", False)
+        if tokenize and not kwargs.get("return_assistant_tokens_mask"):
+            kwargs.setdefault("sanitize_control_tokens", True)
+        if tokenize:
+            kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), "images_sized": True}
+        out = super().apply_chat_template(rendered if batched else rendered[0], chat_template, **kwargs)
+        if not tokenize:
+            for text, conv in zip([out] if isinstance(out, str) else out, rendered):
+                sizes = [(i["width"], i["height"]) for m in conv if isinstance(m.get("content"), list) for i in m["content"] if is_image_item(i)]
+                self._stated_sizes[text] = sizes
+                while len(self._stated_sizes) > 256:
+                    self._stated_sizes.popitem(last=False)
+        elif kwargs.get("return_dict"):
+            out["originals"] = [originals for _, originals in prepared]
+        return out
 
 
 ViLaVTProcessor.register_for_auto_class()

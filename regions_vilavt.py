@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .images_vilavt import DEFAULT_MIN_PIXELS
+from .images_vilavt import DEFAULT_MIN_PIXELS, to_rgb
 from .protocol_vilavt import Region
 
 MAX_ASPECT_RATIO = 200
@@ -116,15 +116,6 @@ def plan_crop(view: ImageEntry, bbox, original_size: tuple[int, int], max_pixels
     return CropPlan(box, pixel_box, resized, fetch_size(*resized, max_pixels, min_pixels, factor))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as qwen-vl-utils makes it: RGBA composited on white, other modes converted."""
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 class ImageLedger:
     """Every image of one conversation, by global index, with where it comes from.
 
@@ -170,4 +161,4 @@ class ImageLedger:
         return list(range(first, len(self.entries)))
 
 
-__all__ = ["ImageLedger", "ImageEntry", "Crop", "CropPlan", "RegionError", "plan_crop", "fetch_size", "to_rgb"]
+__all__ = ["ImageLedger", "ImageEntry", "Crop", "CropPlan", "RegionError", "plan_crop", "fetch_size"]

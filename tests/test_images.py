@@ -374,3 +374,19 @@ def test_the_chat_template_the_processor_and_the_crops_agree_on_orientation(tiny
     answer, trace = model.chat(lazy, "What?", processor=processor, logits_processor=LogitsProcessorList([policy]))
     crop = trace.rounds[0].crops[0]
     assert answer == "A" and crop.getpixel((crop.width // 2, 2))[0] > 200  # the white end is on top
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_on_white(mode):
+    """As the authors' image loading (qwen-vl-utils) and transformers' image processors do: a transparent pixel is
+    white, on the displayed image and on the crops, not the colour stored under it."""
+    image = Image.new("RGBA", (40, 20), (0, 0, 0, 0))
+    image.paste((200, 30, 30, 255), (0, 0, 20, 20))  # left half opaque red, right half transparent black
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+        image.info["transparency"] = image.getpixel((30, 10))
+    opened = open_image(image)
+    assert opened.mode == "RGB" and opened.getpixel((30, 10)) == (255, 255, 255)
+    assert opened.getpixel((5, 5)) != (255, 255, 255)

@@ -230,8 +230,8 @@ def test_the_loops_tool_responses_match(processor_for, name):
     # A failed call gets the final text from the templates (on_error="final"), whatever the budget says.
     response = tool_response(episode, processor, turn, final=r["final"] and not r.get("error"))
     assert response.ids == ids_of_text(processor, "<|im_end|>\n" + case["last_user_turn"], crops)
-    assert response.trace.error == r.get("error") and len(response.crops) == len(crops)
-    assert response.grids == [[1, crop.height // 14, crop.width // 14] for crop in crops]  # encoded at their size
+    assert response.error == r.get("error") and len(response.crops) == len(crops)
+    assert response.grids.tolist() == [[1, crop.height // 14, crop.width // 14] for crop in crops]  # encoded at their size
 
 
 def test_an_empty_region_list_renders_a_tool_response_without_crops(processor_for):
@@ -321,7 +321,7 @@ def test_the_shipped_demo_renders_the_same_token_ids_as_before():
         episode = SimpleNamespace(ledger=StubLedger(case["first_index"], crops, case["error"]))
         response = tool_response(episode, processor, turn, final=case["final"], turn_closed=case["closed"])
         assert response.ids == case["ids"], case["name"]
-        assert response.trace.notes == case["notes"]
+        assert response.notes == case["notes"]
     messages = pinned_conversation(pinned["sequence"])
     assert processor.apply_chat_template(messages) == pinned["sequence"]["text"]
     assert processor.apply_chat_template(messages, **TOKENIZE)["input_ids"][0].tolist() == pinned["sequence"]["ids"]

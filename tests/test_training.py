@@ -102,7 +102,7 @@ def test_trajectories_replay_through_the_live_loop(tiny, data):
         live = output.episodes[0]
         assert live.trace.answer == row["answer"]
         assert live.ids == episode.ids[: len(live.ids)] and episode.ids[len(live.ids) :] == processor.tokenizer.encode("\n")
-        assert live.grids == episode.grids and live.mapping == episode.mapping
+        assert torch.equal(live.grids, episode.grids) and live.mapping == episode.mapping
         assert all(torch.equal(a, b) for a, b in zip(live.pixel_rows, episode.pixel_rows))
         assert all(torch.equal(a, b) for a, b in zip(live.query_ids, episode.query_ids))
 
@@ -367,7 +367,6 @@ def broken(change):
         (broken(lambda r: r["turns"][1]["regions"][0].update(bbox_2d=[0, 0, 28])), "turns[1].regions[0].bbox_2d: expected 4 numbers"),
         (broken(lambda r: r["turns"][1]["regions"][0].pop("index")), "turns[1].regions[0].index: expected an image index >= 0, got null"),
         (broken(lambda r: r["turns"][0].update(query=7)), "turns[0].query: expected a string, got int"),
-        (broken(lambda r: r["turns"][0].update(thought="see <|image_pad|> here")), "turns[0].thought: contains the control token '<|image_pad|>'"),
         (broken(lambda r: r["turns"].pop()), "turns[1]: the last turn must give the answer"),
         (broken(lambda r: r.update(turns="none")), "turns: expected a non-empty list of turn objects"),
     ],
@@ -525,3 +524,18 @@ def test_eight_bit_qlora_is_a_clear_error_on_cpu(tmp_path):
 
     with pytest.raises(ModelLoadError, match="8-bit quantization needs a CUDA GPU .* use 4bit on CPU"):
         load_model_and_processor(tmp_path, quantization="8bit")
+
+
+def test_control_tokens_spelled_in_trajectory_text_are_text(tiny, data):
+    """A thought or question that spells `<|image_pad|>` / `<|im_end|>` trains as text: the sequence holds exactly
+    its images' placeholders and turns, and a forward pass over it runs."""
+    model, processor = tiny
+    row = json.loads(json.dumps(load_trajectories(data / "train.jsonl")[0]))
+    row["question"] += " <|vision_start|><|image_pad|>"
+    row["turns"][0]["thought"] = "see <|image_pad|> and <|im_end|>\n<|im_start|>user\n here"
+    episode = build_episode(row, processor, model.config)
+    ids = processor.tokenizer.convert_tokens_to_ids
+    assert episode.ids.count(ids("<|vision_start|>")) == len(episode.grids)
+    assert episode.ids.count(ids("<|im_start|>")) == 3 + 2 * len(episode.trace.rounds)
+    with torch.no_grad():
+        assert model(**episode.model_inputs()).logits.shape[1] == len(episode.ids)

@@ -108,12 +108,17 @@ def expected_keys(config: ViLaVTConfig) -> set[str]:
     return keys
 
 
-def copy_remote_code(folder: Path) -> None:
-    """The remote-code modules a checkpoint carries (the package's own files, never copies of them in git)."""
+def remote_code_files() -> list[Path]:
+    """The remote-code modules a checkpoint carries: `modeling_vilavt.py` and every module it imports
+    relatively (the package's own files, never copies of them in git)."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
     modeling = Path(modeling_vilavt.__file__)
-    for path in [modeling, *map(Path, get_relative_import_files(str(modeling)))]:
+    return sorted([modeling, *map(Path, get_relative_import_files(str(modeling)))])
+
+
+def copy_remote_code(folder: Path) -> None:
+    for path in remote_code_files():
         shutil.copy(path, Path(folder) / path.name)
 
 

@@ -12,6 +12,7 @@ import re
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
+from .checkpoints import remote_code_files
 from .errors import InputError
 from .validation import check_checkpoint, read_json
 
@@ -23,9 +24,7 @@ EXCLUDED_FILES = (
     "*.pyc", ".*", "optimizer.pt", "optimizer.bin", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
     "training_args.bin", "scaler.pt", "*optim_states.pt",
 )  # fmt: skip
-REQUIRED = (
-    "config.json", "configuration_vilavt.py", "modeling_vilavt.py", "processing_vilavt.py", "prompts_vilavt.py",
-)  # fmt: skip
+REQUIRED = ("config.json", *(path.name for path in remote_code_files()))
 CARD = "README.md"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

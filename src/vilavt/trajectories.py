@@ -22,9 +22,9 @@ One JSON object per line:
 `bbox_2d` is in displayed pixels of image `index` (an original or an earlier crop), exactly what the
 model writes; `bbox_norm` is relative to that image and is converted to its displayed pixels.
 
-`load_trajectories` checks every row when the file is read (types, the problem type, boxes, no spelled-out
-special tokens such as `<|image_pad|>` in the text) and names the line, the trajectory id and the field of the
-first problem. Rows without `turns` are question rows (GRPO); `require_turns=True` asks for trajectories.
+`load_trajectories` checks every row when the file is read (types, the problem type, boxes) and names the line,
+the trajectory id and the field of the first problem. Text that spells a control token (`<|image_pad|>`) is
+encoded as text, as in the chatting loop. Rows without `turns` are question rows (GRPO); `require_turns=True` asks for trajectories.
 
 The builder replays the tool calls through the same code as inference (protocol parsing, cropping
 from the full-resolution originals, the chat template): crops are regenerated, never stored.
@@ -34,7 +34,6 @@ tool-response and image tokens get -100 (REFERENCE.md §4.1, §4.3).
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -49,10 +48,6 @@ IGNORE_INDEX = -100
 
 class TrajectoryError(ValueError):
     """A trajectory that cannot be replayed; the message names it and the turn."""
-
-
-# Qwen's control tokens spelled out in data text would become control tokens when tokenised.
-_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 
 
 def read_jsonl(path) -> list[tuple[int, dict]]:
@@ -78,14 +73,17 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
     return rows
 
 
+def model_text(tokenizer, text: str) -> list[int]:
+    """Token ids of text the model writes: a control-token string in it (`<|image_pad|>`, `<|im_end|>`) is spelled
+    out as text, as the chatting loop's sampling would give it (it never samples control tokens)."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
 def check_text(value, name: str, allow_empty: bool = True) -> None:
     if not isinstance(value, str):
         raise TrajectoryError(f"{name}: expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise TrajectoryError(f"{name}: must not be empty")
-    special = _SPECIAL.search(value)
-    if special:
-        raise TrajectoryError(f"{name}: contains the control token {special.group(0)!r} spelled out")
 
 
 def _numbers(value, name: str, low=None, high=None) -> None:
@@ -251,22 +249,21 @@ def build_episode(row: dict, processor, config, image_root=None, max_rounds: int
         if "answer" in turn:
             if k != len(turns) - 1:
                 raise TrajectoryError(f"{where}: only the last turn may answer")
-            extend(tokenizer.encode(render_answer(str(turn["answer"]), turn.get("thought", "")), add_special_tokens=False), True)
+            extend(model_text(tokenizer, render_answer(str(turn["answer"]), turn.get("thought", ""))), True)
             extend(tokenizer.encode(TURN_END, add_special_tokens=False), True)
             break
         if k >= budget:
             raise TrajectoryError(f"{where}: more tool calls than the round budget ({budget})")
         regions = [(r["index"], _display_box(r, episode, where)) for r in turn.get("regions", [])]
         text = render_tool_call(regions, turn.get("query", ""), turn.get("thought", ""))
-        extend(tokenizer.encode(text, add_special_tokens=False), True)
+        written = model_text(tokenizer, text)
+        extend(written, True)
         response = tool_response(episode, processor, text, final=k + 1 >= budget)
-        if response.trace.error is not None:
-            raise TrajectoryError(f"{where}: the tool call fails on replay: {response.trace.error}")
-        episode.add_tool_response(response)
+        if response.error is not None:
+            raise TrajectoryError(f"{where}: the tool call fails on replay: {response.error}")
+        episode.add_tool_response(response, generated_tokens=len(written))
         extend(response.ids[: response.closing], True)
         extend(response.ids[response.closing :], False)
-        episode.rounds += 1
-        episode.trace.rounds.append(response.trace)
     episode.turn_start = len(episode.ids)
     return episode
 
@@ -280,7 +277,7 @@ def build_conversation_episode(row: dict, processor, config) -> Episode:
     content = messages[-1]["content"]
     text = content if isinstance(content, str) else "".join(item.get("text") or "" for item in content)
     tokenizer = processor.tokenizer
-    _extend(episode, tokenizer.encode(text, add_special_tokens=False), True)
+    _extend(episode, model_text(tokenizer, text), True)
     _extend(episode, tokenizer.encode(TURN_END, add_special_tokens=False), True)
     episode.turn_start = len(episode.ids)
     return episode

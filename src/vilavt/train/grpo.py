@@ -106,6 +106,8 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
     the first update of a generation batch, then the policy's drift).
     """
 
+    _tag_names = ["trl", "grpo", "vilavt"]  # the model refuses TRL's stock GRPOTrainer (ViLaVTChatMixin.add_model_tags)
+
     def __init__(self, *args, rollout_kwargs=None, logits_processor_factory=None, **kwargs):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         self._logits_processor_factory = logits_processor_factory
