@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import Qwen3Model
-from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -28,21 +27,13 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionBlock,
     apply_rotary_pos_emb_vision,
     eager_attention_forward,
-    rotate_half,
 )
-from transformers.utils import can_return_tuple, logging
-from transformers.utils.generic import (
-    accepts_precomputed_kwargs,
-    get_max_seqlen,
-    is_flash_attention_requested,
-    merge_with_config_defaults,
-)
-from transformers.utils.output_capturing import capture_outputs
-from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+from transformers.utils import logging
+from transformers.utils.generic import is_flash_attention_requested
+from transformers.vision_utils import get_vision_position_ids
 
 from .configuration_vilavt import ViLaVTConfig, ViLaVTVisionConfig
-from .generation_vilavt import ChatSession, ViLaVTGenerateOutput, episodes_from_inputs
-from .processing_vilavt import ViLaVTProcessor, open_image
+from .generation_vilavt import ViLaVTChatMixin
 
 logger = logging.get_logger(__name__)
 
@@ -58,30 +49,50 @@ OFFICIAL_KEY_LAYOUT = [
     ),
 ]
 register_checkpoint_conversion_mapping("ViLaVTForConditionalGeneration", OFFICIAL_KEY_LAYOUT, overwrite=True)
+# The base model (prefix "model") needs only the language-model rename, as stock Qwen2_5_VLModel does: its
+# other parts are where the official layout has them once the loader strips the "model." prefix.
+register_checkpoint_conversion_mapping("ViLaVTModel", OFFICIAL_KEY_LAYOUT[-1:], overwrite=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# Query groups: which image tokens and query tokens share an attention segment in the QA blocks
+# Query groups: which image tokens and query tokens share an attention segment in the QA blocks.
+# Pure functions of grid_thw, the image-to-query mapping and the query mask (the vLLM model reuses them).
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class QueryGroups:
-    """Attention segments of the query-aware blocks, built once per vision forward.
+    """Layout of the query-aware attention for one vision forward (`build_query_groups`).
 
-    Segment g holds the image tokens of every image mapped to query g, followed (keys/values only) by
-    the valid tokens of query g.
+    Group g is one attention segment: the image tokens of every image mapped to query g attend to each
+    other and, as extra keys/values only, to the valid tokens of query g. Windows permute tokens within
+    each image only, so a group is a contiguous segment both in patch order and in window order.
     """
 
-    query_embeds: torch.Tensor | None  # [L, D] valid query features, query by query, slot order
-    query_cos: torch.Tensor | None  # [L, head_dim] rotary of the query keys
-    query_sin: torch.Tensor | None
-    kv_index: torch.Tensor | None  # order of cat([image kv, query kv]) that lays keys out segment by segment
+    position_ids: torch.Tensor  # [P, 2] rotary (row, col) of every patch, with the per-group offsets
+    query_position_ids: torch.Tensor | None  # [L] rotary slot of each valid query token (both axes), query by query
+    kv_index: torch.Tensor | None  # order of cat([image keys, query keys]) that lays keys out group by group
     cu_seqlens_q: torch.Tensor  # [G + 1] int32, over image tokens
     cu_seqlens_k: torch.Tensor  # [G + 1] int32, over image + query tokens
     q_lengths: list[int]
     k_lengths: list[int]
+    # What the QA blocks read from the query, set by `ViLaVTVisionModel.query_groups` (model-dependent).
+    query_embeds: torch.Tensor | None = None  # [L, hidden] valid query features, query by query
+    query_cos: torch.Tensor | None = None  # [L, head_dim] rotary of the query keys
+    query_sin: torch.Tensor | None = None
 
+    def pack_keys(self, image_states: torch.Tensor, query_states: torch.Tensor) -> torch.Tensor:
+        """Keys (or values) of the image tokens [P, ...] and of the query tokens [L, ...], group by group."""
+        return torch.cat([image_states, query_states.to(image_states.dtype)])[self.kv_index]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[P, P + L] bool: image token i may attend key j of cat([image keys, query keys]). The same segments
+        as one dense mask, for kernels that take a mask rather than cu_seqlens (memory grows as P²)."""
+        lengths = lambda values: torch.tensor(values, device=self.cu_seqlens_q.device)  # noqa: E731
+        group = torch.arange(len(self.q_lengths), device=self.cu_seqlens_q.device)
+        image_group = group.repeat_interleave(lengths(self.q_lengths))
+        query_group = group.repeat_interleave(lengths(self.k_lengths) - lengths(self.q_lengths))
+        return image_group[:, None] == torch.cat([image_group, query_group])[None, :]
 
 def check_query_mapping(mapping: list[int], num_images: int, num_queries: int) -> None:
     """Raise a ValueError naming the field unless `mapping` assigns every image to an existing query
@@ -103,12 +114,75 @@ def check_query_mapping(mapping: list[int], num_images: int, num_queries: int) -
             )
 
 
-def apply_rotary_pos_emb_vision_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Vision rotary for keys alone (query tokens are keys/values only)."""
-    dtype = k.dtype
-    k = k.float()
-    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    return ((k * cos) + (rotate_half(k) * sin)).to(dtype)
+def build_query_groups(
+    grid_thw: torch.Tensor,
+    spatial_merge_size: int,
+    image_to_query_mapping: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+) -> QueryGroups:
+    """The QA attention layout of images `grid_thw` [N, 3] (patch grids) encoded with queries.
+
+    `image_to_query_mapping` [N]: the query row of each image (default: image i with query i).
+    `query_mask` [Q, T]: 1 = real query token, an all-zero row is an empty query (default: N empty queries).
+    Images of one query are laid out diagonally in rotary space (REFERENCE.md §1.5): each starts where
+    the previous one of its group ends (offset += max(h, w)); the query's slots follow the last one.
+    Per-image and per-query bookkeeping runs on the host (N and Q are small); per-token work is tensor ops.
+    """
+    device = grid_thw.device
+    grid = grid_thw.tolist()
+    num_images = len(grid)
+    num_queries = query_mask.shape[0] if query_mask is not None else num_images
+    if image_to_query_mapping is None:
+        if num_queries != num_images:
+            raise ValueError(
+                f"image_to_query_mapping is required when the number of query rows ({num_queries}) "
+                f"differs from the number of images ({num_images})"
+            )
+        mapping = list(range(num_images))
+    else:
+        mapping = image_to_query_mapping.tolist()
+    check_query_mapping(mapping, num_images, num_queries)
+
+    sides = [max(h, w) for _, h, w in grid]
+    counts = [t * h * w for t, h, w in grid]
+    offsets, group_side, group_len = [], [0] * num_queries, [0] * num_queries
+    for side, count, q in zip(sides, counts, mapping):
+        offsets.append(group_side[q])
+        group_side[q] += side
+        group_len[q] += count
+    position_ids = get_vision_position_ids(grid_thw, spatial_merge_size)
+    position_ids = position_ids + torch.repeat_interleave(
+        torch.tensor(offsets, device=device), torch.tensor(counts, device=device)
+    ).unsqueeze(-1)
+
+    valid = None if query_mask is None else query_mask.bool()
+    query_lengths = [0] * num_queries if valid is None else valid.sum(dim=1).tolist()
+    query_position_ids = kv_index = None
+    if sum(query_lengths):
+        slot = torch.arange(valid.shape[1], device=device)
+        query_position_ids = (torch.tensor(group_side, device=device).unsqueeze(1) + slot)[valid]
+        num_patches = sum(counts)
+        image_start = [sum(group_len[:q]) for q in range(num_queries)]
+        query_start = [num_patches + sum(query_lengths[:q]) for q in range(num_queries)]
+        kv_index = torch.cat(
+            [
+                torch.arange(start, start + length, device=device)
+                for q in range(num_queries)
+                for start, length in ((image_start[q], group_len[q]), (query_start[q], query_lengths[q]))
+            ]
+        )
+
+    k_lengths = [n + m for n, m in zip(group_len, query_lengths)]
+    cumsum = lambda lengths: torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)  # noqa: E731
+    return QueryGroups(
+        position_ids=position_ids,
+        query_position_ids=query_position_ids,
+        kv_index=kv_index,
+        cu_seqlens_q=cumsum(group_len),
+        cu_seqlens_k=cumsum(k_lengths),
+        q_lengths=group_len,
+        k_lengths=k_lengths,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,48 +198,53 @@ class ViLaVTQueryAwareVisionAttention(Qwen2_5_VLVisionAttention):
         self.instruct_key_proj = nn.Linear(self.dim, self.dim)
         self.instruct_value_proj = nn.Linear(self.dim, self.dim)
 
+    def query_keys_values(self, groups: QueryGroups) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [L, heads, head_dim] of the valid query tokens. They are never queries: of the
+        stock rotary pair only the key is kept."""
+        shape = (groups.query_embeds.shape[0], self.num_heads, -1)
+        key = self.instruct_key_proj(groups.query_embeds).view(shape)
+        value = self.instruct_value_proj(groups.query_embeds).view(shape)
+        return apply_rotary_pos_emb_vision(key, key, groups.query_cos, groups.query_sin)[1], value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        query_groups: QueryGroups,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cu_seqlens: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        query_groups: QueryGroups | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # Not super().forward: it attends within square segments (one cu_seqlens for queries and keys), while
+        # a group's keys and values also hold its query's tokens. Its projection and attention call are
+        # restated with separate query and key segments; the tower's cu_seqlens / max_seqlen are unused.
         seq_length = hidden_states.shape[0]
         query, key, value = (
             self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         )
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-
+        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
         groups = query_groups
-        if groups.query_embeds is not None:
-            num_tokens = groups.query_embeds.shape[0]
-            query_key = self.instruct_key_proj(groups.query_embeds).view(num_tokens, self.num_heads, -1)
-            query_value = self.instruct_value_proj(groups.query_embeds).view(num_tokens, self.num_heads, -1)
-            query_key = apply_rotary_pos_emb_vision_keys(query_key, groups.query_cos, groups.query_sin)
-            key = torch.cat([key, query_key.to(key.dtype)])[groups.kv_index]
-            value = torch.cat([value, query_value.to(value.dtype)])[groups.kv_index]
+        if groups.kv_index is not None:
+            query_key, query_value = self.query_keys_values(groups)
+            key, value = groups.pack_keys(key, query_key), groups.pack_keys(value, query_value)
 
         query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         dropout = 0.0 if not self.training else self.attention_dropout
+        common = dict(attention_mask=None, scaling=self.scaling, dropout=dropout, is_causal=False)
         if is_flash_attention_requested(self.config):
             attn_output, _ = attention_interface(
                 self,
                 query,
                 key,
                 value,
-                attention_mask=None,
-                scaling=self.scaling,
-                dropout=dropout,
                 cu_seq_lens_q=groups.cu_seqlens_q,
                 cu_seq_lens_k=groups.cu_seqlens_k,
                 max_length_q=max(groups.q_lengths),
                 max_length_k=max(groups.k_lengths),
-                is_causal=False,
+                **common,
                 **kwargs,
             )
         else:
@@ -174,44 +253,25 @@ class ViLaVTQueryAwareVisionAttention(Qwen2_5_VLVisionAttention):
                 key.split(groups.k_lengths, dim=2),
                 value.split(groups.k_lengths, dim=2),
             )
-            attn_output = torch.cat(
-                [
-                    attention_interface(
-                        self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=dropout, is_causal=False
-                    )[0]
-                    for q, k, v in segments
-                    if q.shape[2] > 0  # a query with no image contributes keys to nobody
-                ],
-                dim=1,
-            )
+            # A query no image maps to contributes keys to nobody.
+            outputs = [attention_interface(self, q, k, v, **common)[0] for q, k, v in segments if q.shape[2] > 0]
+            attn_output = torch.cat(outputs, dim=1)
         return self.proj(attn_output.reshape(seq_length, -1).contiguous())
 
 
 class ViLaVTQueryAwareVisionBlock(Qwen2_5_VLVisionBlock):
+    """A stock block with the query-aware attention; `query_groups` reaches it through the block's kwargs."""
+
     def __init__(self, config: ViLaVTVisionConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)
         self.attn = ViLaVTQueryAwareVisionAttention(config)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        query_groups: QueryGroups,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        **kwargs,
-    ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(
-            self.norm1(hidden_states), query_groups=query_groups, position_embeddings=position_embeddings, **kwargs
-        )
-        return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 class ViLaVTVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
     """Qwen2.5-VL vision tower with query-aware blocks at `config.integration_point`.
 
-    Inputs beyond the stock ones: `instruct_embeds` [Q, T, hidden] (query features after `text_proj`),
-    `instruct_mask` [Q, T] (1 = real token; an all-zero row is an empty query) and
-    `image_to_query_mapping` [N]. Without them each image is its own group with an empty query, i.e.
-    f0 = V(I, ∅).
+    `forward(hidden_states, grid_thw, query_groups=None)`: `query_groups` from `self.query_groups(...)`.
+    Without it each image is its own group with an empty query, i.e. f0 = V(I, ∅).
     """
 
     config: ViLaVTVisionConfig
@@ -219,139 +279,41 @@ class ViLaVTVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
 
     def __init__(self, config: ViLaVTVisionConfig, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
-        self.query_aware_blocks = frozenset(config.query_aware_blocks)
-        for index in self.query_aware_blocks:
+        for index in config.query_aware_blocks:
             self.blocks[index] = ViLaVTQueryAwareVisionBlock(config)
         self.post_init()
 
-    def build_query_groups(
+    def query_groups(
         self,
         grid_thw: torch.Tensor,
-        image_to_query_mapping: torch.Tensor | None,
-        instruct_embeds: torch.Tensor | None,
-        instruct_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, QueryGroups]:
-        """Rotary position ids of every patch (with the per-group offsets of REFERENCE.md §1.5) and the
-        QA attention segments. Per-image and per-query bookkeeping runs on the host (N and Q are small);
-        per-token work is tensor ops."""
-        device = grid_thw.device
-        grid = grid_thw.tolist()
-        num_images = len(grid)
-        num_queries = instruct_mask.shape[0] if instruct_mask is not None else num_images
-        if image_to_query_mapping is None:
-            if num_queries != num_images:
-                raise ValueError(
-                    f"image_to_query_mapping is required when the number of query rows ({num_queries}) "
-                    f"differs from the number of images ({num_images})"
-                )
-            mapping = list(range(num_images))
-        else:
-            mapping = image_to_query_mapping.tolist()
-        check_query_mapping(mapping, num_images, num_queries)
-
-        # Images of one query are laid out diagonally in rotary space: each starts where the previous
-        # one of its group ends (offset += max(h, w)); the query's tokens follow the last one.
-        sides = [max(h, w) for _, h, w in grid]
-        counts = [t * h * w for t, h, w in grid]
-        offsets, group_side, group_len = [], [0] * num_queries, [0] * num_queries
-        for side, count, q in zip(sides, counts, mapping):
-            offsets.append(group_side[q])
-            group_side[q] += side
-            group_len[q] += count
-        position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
-        position_ids = position_ids + torch.repeat_interleave(
-            torch.tensor(offsets, device=device), torch.tensor(counts, device=device)
-        ).unsqueeze(-1)
-
-        query_lengths = [0] * num_queries
-        query_embeds = query_cos = query_sin = kv_index = None
-        if instruct_embeds is not None and instruct_mask is not None:
-            valid = instruct_mask.bool()
-            query_lengths = valid.sum(dim=1).tolist()
-        if sum(query_lengths):
-            slot = torch.arange(valid.shape[1], device=device)
-            slot_positions = torch.tensor(group_side, device=device).unsqueeze(1) + slot  # padded slot index
-            packed_positions = slot_positions[valid]
-            query_embeds = instruct_embeds[valid].to(self.dtype)
-            query_cos, query_sin = self.rotary_pos_emb(
-                query_embeds, torch.stack([packed_positions, packed_positions], dim=-1)
-            )
-            num_patches = sum(counts)
-            image_start = [sum(group_len[:q]) for q in range(num_queries)]
-            query_start = [num_patches + sum(query_lengths[:q]) for q in range(num_queries)]
-            kv_index = torch.cat(
-                [
-                    torch.arange(start, start + length, device=device)
-                    for q in range(num_queries)
-                    for start, length in ((image_start[q], group_len[q]), (query_start[q], query_lengths[q]))
-                ]
-            )
-
-        k_lengths = [n + m for n, m in zip(group_len, query_lengths)]
-        cumsum = lambda lengths: torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)  # noqa: E731
-        return position_ids, QueryGroups(
-            query_embeds=query_embeds,
-            query_cos=query_cos,
-            query_sin=query_sin,
-            kv_index=kv_index,
-            cu_seqlens_q=cumsum(group_len),
-            cu_seqlens_k=cumsum(k_lengths),
-            q_lengths=group_len,
-            k_lengths=k_lengths,
-        )
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        grid_thw: torch.Tensor,
+        image_to_query_mapping: torch.Tensor | None = None,
         instruct_embeds: torch.Tensor | None = None,
         instruct_mask: torch.Tensor | None = None,
-        image_to_query_mapping: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        position_ids, query_groups = self.build_query_groups(
-            grid_thw, image_to_query_mapping, instruct_embeds, instruct_mask
-        )
-        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, self.config, kwargs=kwargs)
-        window_index, cu_window_seqlens = get_vision_window_index(
-            grid_thw,
-            spatial_merge_size=self.spatial_merge_size,
-            window_size=self.window_size,
-            patch_size=self.patch_size,
-            kwargs=kwargs,
-        )
-        max_window_seqlen = get_max_seqlen(
-            cu_window_seqlens, self.config, kwargs=kwargs, kwarg_name="max_window_seqlen"
-        )
-
-        hidden_states = self.patch_embed(hidden_states)
-        seq_len = hidden_states.shape[0]
-        # Windows permute tokens within each image only, so query groups stay contiguous segments.
-        hidden_states = self.permute_input_for_window_attn(hidden_states, window_index, seq_len=seq_len)
-        position_embeddings = tuple(
-            self.permute_input_for_window_attn(freq, window_index, seq_len=seq_len)
-            for freq in self.rotary_pos_emb(hidden_states, position_ids)
-        )
-
-        for index, block in enumerate(self.blocks):
-            if index in self.query_aware_blocks:
-                hidden_states = block(
-                    hidden_states, query_groups=query_groups, position_embeddings=position_embeddings, **kwargs
-                )
-                continue
-            full = index in self.fullatt_block_indexes
-            hidden_states = block(
-                hidden_states,
-                cu_seqlens=cu_seqlens if full else cu_window_seqlens,
-                max_seqlen=max_seqlen if full else max_window_seqlen,
-                position_embeddings=position_embeddings,
-                **kwargs,
+    ) -> QueryGroups:
+        """`build_query_groups` plus what the QA blocks read from the queries: the valid rows of
+        `instruct_embeds` [Q, T, hidden] (query features after `text_proj`) and their rotary.
+        `instruct_mask` [Q, T] marks the valid slots."""
+        groups = build_query_groups(grid_thw, self.spatial_merge_size, image_to_query_mapping, instruct_mask)
+        if groups.query_position_ids is not None:
+            if instruct_embeds is None:
+                raise ValueError("instruct_mask marks query tokens but instruct_embeds is None")
+            groups.query_embeds = instruct_embeds[instruct_mask.bool()].to(self.dtype)
+            positions = groups.query_position_ids
+            groups.query_cos, groups.query_sin = self.rotary_pos_emb(
+                groups.query_embeds, torch.stack([positions, positions], dim=-1)
             )
+        return groups
 
-        merged_hidden_states = self.merger(hidden_states)[torch.argsort(window_index)]
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged_hidden_states)
+    def forward(
+        self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, query_groups: QueryGroups | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        # The parent reads the offset rotary positions as precomputed `position_ids` and passes `query_groups`
+        # to every block: the QA attention reads it, the stock attention functions ignore it.
+        if query_groups is None:
+            query_groups = self.query_groups(grid_thw)
+        return super().forward(
+            hidden_states, grid_thw, position_ids=query_groups.position_ids, query_groups=query_groups, **kwargs
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,8 +327,11 @@ class ViLaVTModel(Qwen2_5_VLModel):
 
     config: ViLaVTConfig
     _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "ViLaVTQueryAwareVisionBlock"]
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # a ViLaVT checkpoint carries the head; this class has none
 
     def __init__(self, config: ViLaVTConfig):
+        # Not super().__init__: it would build a stock vision tower only to replace it (0.67 B parameters at 7B),
+        # and consuming the random stream for it would change every seeded model (tiny models, the demo recipe).
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.visual = ViLaVTVisionModel._from_config(config.vision_config)
         self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
@@ -421,8 +386,6 @@ class ViLaVTModel(Qwen2_5_VLModel):
         instruct_embeds[has_tokens] = features
         return instruct_embeds, query_attention_mask
 
-    @accepts_precomputed_kwargs(modality="image")
-    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -439,17 +402,9 @@ class ViLaVTModel(Qwen2_5_VLModel):
         instruct_embeds, instruct_mask = self._query_features(
             image_grid_thw.shape[0], query_ids, query_attention_mask, image_to_query_mapping
         )
-        vision_outputs = self.visual(
-            pixel_values.type(self.visual.dtype),
-            grid_thw=image_grid_thw,
-            instruct_embeds=instruct_embeds,
-            instruct_mask=instruct_mask,
-            image_to_query_mapping=image_to_query_mapping,
-            **kwargs,
-        )
-        split_sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        vision_outputs.pooler_output = torch.split(vision_outputs.pooler_output, split_sizes)
-        return vision_outputs
+        query_groups = self.visual.query_groups(image_grid_thw, image_to_query_mapping, instruct_embeds, instruct_mask)
+        # The parent passes its kwargs on to `self.visual`.
+        return super().get_image_features(pixel_values, image_grid_thw, query_groups=query_groups, **kwargs)
 
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token types for 3-D rotary positions (0 text, 1 image, 2 video), derived from placeholder ids so
@@ -466,6 +421,7 @@ class ViLaVTModel(Qwen2_5_VLModel):
         image_to_query_mapping: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         mm_encoder_outputs: dict | None = None,
+        originals: list | None = None,  # the images the processor carries for generate's crops; not used here
         **kwargs,
     ):
         if pixel_values is not None:
@@ -492,193 +448,21 @@ class ViLaVTModel(Qwen2_5_VLModel):
         )
 
 
-class ViLaVTForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class ViLaVTForConditionalGeneration(ViLaVTChatMixin, Qwen2_5_VLForConditionalGeneration):
     """ViLaVT with its language-model head. Extra forward inputs: `query_ids`, `query_attention_mask`,
-    `image_to_query_mapping` (see `ViLaVTModel.get_image_features`)."""
+    `image_to_query_mapping` (see `ViLaVTModel.get_image_features`). `generate` runs the chatting loop and
+    `chat` asks one question (`generation_vilavt.ViLaVTChatMixin`)."""
 
     config: ViLaVTConfig
     _no_split_modules = ViLaVTModel._no_split_modules
 
     def __init__(self, config: ViLaVTConfig):
+        # Not super().__init__: it would build a whole stock Qwen2_5_VLModel, language model included, only to
+        # replace it (twice the model's memory at construction).
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.model = ViLaVTModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
-        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
-
-    # ---- chatting with images -------------------------------------------------------------------
-
-    DEFAULT_MAX_NEW_TOKENS = 8192
-
-    def _chat_processor(self, processor=None) -> ViLaVTProcessor:
-        """The processor the loop renders tool responses with: given, or the one saved with the checkpoint."""
-        if processor is not None:
-            self._vilavt_processor = processor
-        if getattr(self, "_vilavt_processor", None) is None:
-            try:
-                self._vilavt_processor = ViLaVTProcessor.from_pretrained(self.name_or_path)
-            except (OSError, ValueError, TypeError) as err:
-                raise ValueError(
-                    "generate() renders tool responses with the ViLaVT processor; pass `processor=` (no processor "
-                    f"could be loaded from {self.name_or_path!r}: {err})"
-                ) from err
-        return self._vilavt_processor
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        query_ids: torch.LongTensor | None = None,
-        query_attention_mask: torch.Tensor | None = None,
-        image_to_query_mapping: torch.LongTensor | None = None,
-        *,
-        images: list | None = None,
-        processor: ViLaVTProcessor | None = None,
-        max_rounds: int = 5,
-        max_regions: int = 8,
-        max_turn_tokens: int | None = None,
-        incremental: bool = True,
-        output_logprobs: bool = False,
-        generation_config=None,
-        logits_processor: LogitsProcessorList | None = None,
-        stopping_criteria: StoppingCriteriaList | None = None,
-        streamer=None,
-        mm_token_type_ids=None,
-        **kwargs,
-    ):
-        r"""Generate with the ViLaVT tool loop: decode until `</tool>` or an answer; on a tool call crop the
-        regions from the original images, encode only the new crops jointly with the call's query,
-        append the tool response to the live KV cache and resume.
-
-        Args:
-            input_ids, attention_mask, pixel_values, image_grid_thw, query_*, image_to_query_mapping:
-                the processor's outputs for a batch of conversations (`apply_chat_template(...,
-                tokenize=True, return_dict=True)`).
-            images: per row, the original images (paths or PIL) to crop from at full resolution. Without
-                them crops come from the displayed images (lower resolution; a warning is logged).
-            processor: the ViLaVT processor (default: the one saved with the checkpoint).
-            max_rounds: tool calls allowed per sequence; the last tool response asks for the answer, and a
-                further call ends the episode.
-            max_regions: regions allowed in one call (more is an error the model reads).
-            max_turn_tokens: cap on sampled tokens per assistant turn.
-            incremental: False runs the reference-style loop (rebuild and re-encode everything each round).
-            output_logprobs: record log p(token) of each sampled token under softmax(logits / temperature).
-            generation_config / kwargs: as in transformers (`do_sample`, `temperature`, `top_p`,
-                `num_return_sequences`, `max_new_tokens` — the budget of all new tokens of a sequence, tool
-                responses included, default 8192 —, `output_logits`, `return_dict_in_generate`, ...).
-            logits_processor, stopping_criteria, streamer: as in transformers (the streamer also receives
-                the injected tool responses; batch size 1).
-
-        Returns:
-            `ViLaVTGenerateOutput` with `sequences`, `sampled_mask`, `traces`, `episodes` (and `logits`
-            with `output_logits=True`) if `return_dict_in_generate`, else the `sequences` tensor.
-        """
-        if input_ids is None:
-            raise ValueError("generate() needs input_ids (use the processor's apply_chat_template(..., tokenize=True))")
-        processor = self._chat_processor(processor)
-        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        unused = {k for k in model_kwargs if k not in ("output_attentions", "output_hidden_states", "use_cache")}
-        if unused:
-            raise ValueError(f"generate() got unexpected arguments: {sorted(unused)}")
-        if generation_config.num_beams not in (None, 1):
-            raise ValueError("beam search is not supported by the ViLaVT tool loop; use greedy or sampling")
-        self._prepare_special_tokens(generation_config, attention_mask is not None, device=self.device)
-        episodes = episodes_from_inputs(
-            self.config,
-            processor,
-            input_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            query_ids,
-            query_attention_mask,
-            image_to_query_mapping,
-            images,
-        )
-        copies = generation_config.num_return_sequences or 1
-        episodes = [ep if i == 0 else ep.clone() for ep in episodes for i in range(copies)]
-        if streamer is not None and len(episodes) > 1:
-            raise ValueError("a streamer needs a batch of one sequence")
-        # Image / video placeholders are never sampled: their features come only from the processor.
-        placeholders = {self.config.image_token_id, self.config.video_token_id}
-        generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | placeholders)
-        logits_processor = self._get_logits_processor(
-            generation_config,
-            input_ids_seq_length=input_ids.shape[1],
-            encoder_input_ids=input_ids,
-            logits_processor=logits_processor or LogitsProcessorList(),
-            device=self.device,
-            model_kwargs=model_kwargs,
-        )
-        session = ChatSession(
-            self,
-            processor,
-            generation_config,
-            logits_processor,
-            stopping_criteria or StoppingCriteriaList(),
-            streamer=streamer,
-            max_rounds=max_rounds,
-            max_regions=max_regions,
-            max_new_tokens=generation_config.max_new_tokens or self.DEFAULT_MAX_NEW_TOKENS,
-            max_turn_tokens=max_turn_tokens,
-            incremental=incremental,
-            output_logits=bool(generation_config.output_logits),
-            output_logprobs=output_logprobs,
-        )
-        session.run(episodes)
-
-        prompts = input_ids.repeat_interleave(copies, dim=0).cpu()
-        width = prompts.shape[1] + max(ep.new_tokens for ep in episodes)
-        pad = session.pad_id
-        sequences = torch.full((len(episodes), width), pad, dtype=torch.long)
-        sampled_mask = torch.zeros((len(episodes), width), dtype=torch.bool)
-        for row, ep in enumerate(episodes):
-            new = ep.ids[ep.prompt_length :]
-            sequences[row, : prompts.shape[1]] = prompts[row]
-            sequences[row, prompts.shape[1] : prompts.shape[1] + len(new)] = torch.tensor(new, dtype=torch.long)
-            sampled_mask[row, prompts.shape[1] : prompts.shape[1] + len(new)] = torch.tensor(
-                ep.sampled[ep.prompt_length :], dtype=torch.bool
-            )
-        sequences = sequences.to(self.device)
-        if not generation_config.return_dict_in_generate:
-            return sequences
-        return ViLaVTGenerateOutput(
-            sequences=sequences,
-            sampled_mask=sampled_mask.to(self.device),
-            traces=[ep.trace for ep in episodes],
-            episodes=episodes,
-            logits=[torch.stack(ep.logits) if ep.logits else None for ep in episodes]
-            if generation_config.output_logits
-            else None,
-            logprobs=[torch.tensor(ep.logprobs) for ep in episodes] if output_logprobs else None,
-        )
-
-    def chat(self, images, question: str, processor: ViLaVTProcessor | None = None, **generate_kwargs):
-        """Ask `question` about one or more images (paths or PIL; video = a list of frames).
-
-        Returns `(answer, trace)`: the text of the final <answer> (None if the model gave none) and the
-        `Trace` of every round (`trace.save_png(path)` draws it).
-        """
-        processor = self._chat_processor(processor)
-        originals = [open_image(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
-        messages = [
-            {
-                "role": "user",
-                "content": [*({"type": "image", "image": im} for im in originals), {"type": "text", "text": question}],
-            }
-        ]
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(self.device)
-        generate_kwargs["return_dict_in_generate"] = True
-        output = self.generate(**inputs, images=[originals], processor=processor, **generate_kwargs)
-        trace = output.traces[0]
-        return trace.answer, trace
 
 
 ViLaVTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

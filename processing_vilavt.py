@@ -1,28 +1,34 @@
-"""ViLaVT processor: images, the chat template that carries the ViLaVT protocol, and query tokenisation.
+"""ViLaVT processor: images, prompts, the chat template, and query tokenisation.
 
-The chat template is the single source of every prompt the model sees: the system prompt with the
-zoom-in tool, the first user turn (image index lines, image size, `# Question:` and the output
-formats) and the tool-response turns (zoom-in image lines, the continue / "answer now" prompts).
-The chatting loop and the SFT builder render through it too, so training and inference token
+Every piece of prompt text (system prompt, the first user turn's image-index lines, image size and
+question wrapper, the tool responses' crop lines and continue / final / error texts) comes from the
+processor's `prompts` (`prompts_vilavt.PromptTemplates`), which a checkpoint carries in
+`prompt_templates.json` next to `chat_template.jinja`; the chat template only assembles the turns. The
+chatting loop and the SFT builder render through the processor too, so training and inference token
 streams are the same by construction.
 
-Message shapes the template understands:
-  {"role": "system", "content": ...}                         optional; default = ViLaVT system prompt
-  {"role": "user", "content": [image, ..., text]}            original images then the question
+Message shapes `apply_chat_template` understands:
+  {"role": "system", "content": ...}                         optional; default = the templates' system prompt
+  {"role": "user", "content": [image | video, ..., text]}    original images (a video = its frames, each an
+                                                             image with its own index) then the question
   {"role": "assistant", "content": "<think>…</think><tool>…</tool>"}
-  {"role": "tool", "content": [image, ..., text], "final": bool}
-                                                             a tool response: crops (or an error text);
-                                                             `final` = the round budget is spent
+  {"role": "tool", "content": [image, ..., text], "final": bool, "error": str | None, "notes": [str]}
+                                                             a tool response (`prompts_vilavt.tool_message`):
+                                                             crops, or a failed call's error; `final` = the
+                                                             round budget is spent
 Image items may carry `width`/`height` (displayed size); `apply_chat_template` fills them in.
 """
 
+import json
 import os
+from collections import OrderedDict
 
+import torch
 from PIL import Image
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers.utils import cached_file, logging
 
 from .images_vilavt import (  # noqa: F401  (re-exported: part of the processor module's public API)
     DEFAULT_MAX_PIXELS,
@@ -31,135 +37,47 @@ from .images_vilavt import (  # noqa: F401  (re-exported: part of the processor 
     displayed_size,
     fit_image,
     open_image,
+    prepare_images,
 )
+from .prompts_vilavt import PROMPTS_FILE, TOOL_RESPONSE_OPEN, as_prompts, default_prompts, is_image_item
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_MAX_QUERY_LENGTH = 50
 
-IMAGE_TOKEN = "<|image_pad|>"
-VIDEO_TOKEN = "<|video_pad|>"
 TURN_END = "<|im_end|>\n"
 
-# The protocol, in the template. Tags and JSON keys are what the released model was trained on
-# (REFERENCE.md §2.1-2.5); the instructions around them are ours.
-CHAT_TEMPLATE = r"""{%- set ns = namespace(images=0) -%}
-{%- set compact = prompt_style is defined and prompt_style == 'compact' -%}
-{%- if compact -%}
-{%- set system_prompt -%}
-You answer questions about images. To look closer, call the zoom-in tool: <tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}], "query": "..."}</tool> crops the boxes (pixels of image i) from the original images and re-encodes them with your query.
-{%- endset -%}
-{%- set formats -%}
-Answer with <think>...</think><tool>...</tool> or <think>...</think><answer>...</answer>.
-{%- endset -%}
-{%- set rules -%}{%- endset -%}
-{%- set continue_prompt -%}
-Continue.
-{%- endset -%}
-{%- set final_prompt -%}
-No more tool calls. Answer now: <think>...</think><answer>...</answer>.
-{%- endset -%}
-{%- else -%}
-{%- set system_prompt -%}
-You are a helpful assistant. Solve the problem about the image(s) the user provides. You may look closer with a zoom-in tool: the regions you select are cropped from the original high-resolution image(s), processed externally, and re-encoded together with your query, so you can look again with a specific question in mind.
-
-# Tools
-
-## Tool Format
-<tool>
-{"region": [{"index": int, "bbox_2d": [x1, y1, x2, y2]}, ...], "query": str}
-</tool>
-
-- region: the regions to zoom in on. "index" is the 0-based index of the image to crop from (original images and earlier zoomed-in images all have an index). "bbox_2d" is a box in pixel coordinates of that image: (x1, y1) is its top-left corner and (x2, y2) its bottom-right corner.
-- query: what you want to find out about the selected regions.
-
-## Constraints
-- Give at least one region.
-- Coordinates must lie within the bounds of the indexed image, with x1 < x2 and y1 < y2.
-
-## Example
-<tool> {"region": [{"index": 0, "bbox_2d": [120, 64, 380, 300]}], "query": "What is written on the sign?"} </tool>
-{%- endset -%}
-{%- set formats -%}
-Think inside <think> and </think> first. Then either call the zoom-in tool or give the final answer, in exactly one of these formats:
-1. <think>...</think><tool> {"region": [{"index": ..., "bbox_2d": [x1, y1, x2, y2]}], "query": "..."} </tool>
-2. <think>...</think><answer>...</answer>
-{%- endset -%}
-{%- set rules -%}
-Coordinates in "bbox_2d" are pixels of the indexed image and must lie within its width and height.
-In <answer>, give only the answer: the option's letter for a multiple-choice question, Yes or No for a yes/no question, a single number for a numeric question, and nothing else.
-{%- endset -%}
-{%- set continue_prompt -%}
-Look at the zoomed-in image(s) and continue. {{ formats }}
-{%- endset -%}
-{%- set final_prompt -%}
-You have reached the maximum number of iterations. No further tool calls are allowed. You must now provide the final answer in the format <think>...</think><answer>...</answer>.
-{%- endset -%}
-{%- endif -%}
-{%- macro content_text(content) -%}
+# A plain assembler (Qwen2.5-VL's layout): every prompt text is already in the messages, put there by the
+# processor from its prompt templates (`prompts_vilavt.PromptTemplates.render`). A `tool` message is a user
+# turn; assistant turns are marked for `return_assistant_tokens_mask`.
+CHAT_TEMPLATE = r"""{%- macro text(content) -%}
 {%- if content is string -%}{{ content }}{%- else -%}{%- for item in content if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}{%- endif -%}
 {%- endmacro -%}
-{%- macro is_image(item) -%}{{ 'yes' if item['type'] == 'image' or item.get('image') is not none or item.get('image_url') is not none else '' }}{%- endmacro -%}
 {%- for message in messages -%}
-{%- if loop.first and message['role'] == 'user' -%}
-<|im_start|>system
-{{ system_prompt }}<|im_end|>
-{% endif -%}
-{%- if message['role'] == 'system' -%}
-<|im_start|>system
-{{ content_text(message['content']) }}<|im_end|>
-{% elif message['role'] == 'user' -%}
-<|im_start|>user
-{% if message['content'] is string -%}
-{{ message['content'] }}
-{%- else -%}
-{%- set first = namespace(item=none, count=0) -%}
-{%- for item in message['content'] if is_image(item) -%}
-{%- if first.item is none %}{% set first.item = item %}{% endif -%}
-{%- set first.count = first.count + 1 -%}
-<|vision_start|><|image_pad|><|vision_end|>The index of the provided image is {{ ns.images }}.
-{% set ns.images = ns.images + 1 -%}
-{%- endfor -%}
-{%- if first.count == 0 -%}
-{{ content_text(message['content']) }}
-{%- else -%}
-{%- if first.count == 1 -%}
-This is an image indexed by 0.
-{%- else -%}
-These are {{ first.count }} images with indexed from 0 to {{ first.count - 1 }}.
-{%- endif -%}
-{%- if first.item['width'] is defined -%}
-{{ '\n' }}{{ 'The image size' if first.count == 1 else 'All images have size' }}: width {{ first.item['width'] }}, height {{ first.item['height'] }}.
-{%- endif -%}
-{{ '\n\n# Question: ' }}{{ content_text(message['content']) }}{{ '\n\n' }}{{ formats }}
-{%- if rules %}
-{{ rules }}
-{%- endif -%}
-{%- endif -%}
-{%- endif -%}
-<|im_end|>
-{% elif message['role'] == 'assistant' -%}
-<|im_start|>assistant
-{% generation %}{{ content_text(message['content']) }}<|im_end|>
+<|im_start|>{{ 'user' if message['role'] == 'tool' else message['role'] }}
+{% if message['role'] == 'assistant' -%}
+{% generation %}{{ text(message['content']) }}<|im_end|>
 {% endgeneration %}
-{%- elif message['role'] == 'tool' -%}
-<|im_start|>user
-<tool_response>
-{%- if message['content'] is string %}{{ message['content'] }}{% else -%}
+{%- else -%}
+{%- if message['content'] is string or message['role'] == 'system' -%}
+{{ text(message['content']) }}
+{%- else -%}
 {%- for item in message['content'] -%}
-{%- if is_image(item) -%}
-<|vision_start|><|image_pad|><|vision_end|>The index of the zoom-in image is {{ item['index'] if item['index'] is defined else ns.images }}
-{%- if item['width'] is defined %} (width: {{ item['width'] }}, height: {{ item['height'] }}){% endif %}.
-{% set ns.images = ns.images + 1 -%}
+{%- if item['type'] == 'image' -%}
+<|vision_start|><|image_pad|><|vision_end|>
 {%- elif item['type'] == 'text' -%}
 {{ item['text'] }}
 {%- endif -%}
 {%- endfor -%}
 {%- endif -%}
-{{ final_prompt if message.get('final') else continue_prompt }}</tool_response><|im_end|>
+<|im_end|>
 {% endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 <|im_start|>assistant
 {% endif -%}"""
+# Chat templates saved before the prompt text became data held the wording themselves (and read `prompt_style`).
+_LEGACY_TEMPLATE_MARKS = ("{%- set system_prompt -%}", "prompt_style")
 
 
 def _flat_images(images) -> list[Image.Image]:
@@ -171,11 +89,58 @@ def _flat_images(images) -> list[Image.Image]:
     return []
 
 
-def _is_image_item(item) -> bool:
-    # Datasets (Arrow) give every content item every key, with None where unused.
-    return isinstance(item, dict) and (
-        item.get("type") == "image" or item.get("image") is not None or item.get("image_url") is not None
-    )
+def _video_frames(item: dict) -> list[dict]:
+    """A video item as image items, one per frame: ViLaVT reads a video as its frames, each an image with its own
+    index (the authors' multi-image rule). Frames: a list of images (paths, URLs, PIL images) or a T x H x W x C
+    uint8 array."""
+    frames = next((item[key] for key in ("video", "path", "url") if item.get(key) is not None), None)
+    if getattr(frames, "ndim", None) == 4:
+        frames = [Image.fromarray(frame.numpy() if hasattr(frame, "numpy") else frame) for frame in frames]
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ValueError(
+            "a video item must give its frames, as a list of images or a T x H x W x C array (ViLaVT reads a "
+            f"video as frames, each an image with its own index); got {type(frames).__name__}"
+        )
+    return [{"type": "image", "image": frame} for frame in frames]
+
+
+def _copied(message: dict) -> dict:
+    """`message` with its content items copied (they are rewritten) and its video items split into frames;
+    images are not copied."""
+    if not isinstance(message.get("content"), list):
+        return dict(message)
+    content = []
+    for item in message["content"]:
+        if isinstance(item, dict) and item.get("type") == "video":
+            content += _video_frames(item)
+        else:
+            content.append(dict(item) if isinstance(item, dict) else item)
+    return {**message, "content": content}
+
+
+def batch_vision(samples: list[dict]) -> dict:
+    """The vision inputs of several conversations as one batch — the one place query rows are batched.
+
+    Each sample holds a conversation's `query_ids` / `query_attention_mask` ([Q_i, T_i]) and
+    `image_to_query_mapping` ([N_i], rows of that conversation), and optionally its `pixel_values` and
+    `image_grid_thw`. Query rows are right-padded to the longest T (a query's valid slots, hence their rotary
+    positions, stay where they are) and each conversation's mapping is offset by the query rows before it.
+    """
+    samples = [s for s in samples if s.get("image_to_query_mapping") is not None]
+    if not samples:
+        return {}
+    length = max(s["query_ids"].shape[1] for s in samples)
+    pad = lambda rows: torch.nn.functional.pad(rows, (0, length - rows.shape[1]))  # noqa: E731
+    offsets = torch.tensor([0] + [s["query_ids"].shape[0] for s in samples[:-1]]).cumsum(0).tolist()
+    batch = {
+        "query_ids": torch.cat([pad(s["query_ids"]) for s in samples]),
+        "query_attention_mask": torch.cat([pad(s["query_attention_mask"]) for s in samples]),
+        "image_to_query_mapping": torch.cat([s["image_to_query_mapping"] + o for s, o in zip(samples, offsets)]),
+    }
+    for key in ("pixel_values", "image_grid_thw"):
+        if all(key in s for s in samples):
+            batch[key] = torch.cat([s[key] for s in samples])
+    return batch
 
 
 class ViLaVTProcessor(Qwen2_5_VLProcessor):
@@ -190,8 +155,10 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         crop_max_pixels: pixel budget of one zoom-in crop (defaults to `max_pixels`).
         crop_min_pixels: smallest area of a crop (defaults to `min_pixels`); small boxes are upscaled to it.
         max_query_length: query length limit (the reference trained with 50).
-        prompt_style: "full" (the protocol in full, as the released model was trained) or "compact" (the
-            same protocol in a few words; for small models trained from scratch).
+        prompt_templates: every piece of prompt text (`PromptTemplates`, its dict or a path to its JSON file);
+            `from_pretrained` reads the checkpoint's `prompt_templates.json`.
+        prompt_style: the project's own wording used when there are no `prompt_templates`: "full" (the protocol
+            in full) or "compact" (the same protocol in a few words; for small models trained from scratch).
     """
 
     def __init__(
@@ -206,21 +173,23 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         crop_min_pixels: int | None = None,
         max_query_length: int = DEFAULT_MAX_QUERY_LENGTH,
         prompt_style: str = "full",
+        prompt_templates=None,
         **kwargs,
     ):
-        self.image_token, self.video_token = IMAGE_TOKEN, VIDEO_TOKEN
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.max_pixels, self.min_pixels = int(max_pixels), int(min_pixels)
         self.crop_max_pixels = int(crop_max_pixels or max_pixels)
         self.crop_min_pixels = int(crop_min_pixels or min_pixels)
         self.max_query_length = int(max_query_length)
-        if prompt_style not in ("full", "compact"):
-            raise ValueError(f"prompt_style must be 'full' or 'compact', got {prompt_style!r}")
+        default = default_prompts(prompt_style)  # also checks prompt_style when templates are given
+        self.prompts = default if prompt_templates is None else as_prompts(prompt_templates)
         self.prompt_style = prompt_style
-        ProcessorMixin.__init__(
-            self, image_processor, tokenizer, query_tokenizer, chat_template=chat_template or CHAT_TEMPLATE
-        )
+        self._stated_sizes = OrderedDict()  # rendered text -> the displayed sizes it states (see __call__)
+        if isinstance(chat_template, str) and all(mark in chat_template for mark in _LEGACY_TEMPLATE_MARKS):
+            logger.info("replacing a chat template that carries its own wording with the assembler of the templates")
+            chat_template = None
+        # The query tokenizer takes the parent's third sub-processor slot (its video processor): ProcessorMixin
+        # binds positional sub-processors to this class's attributes (image_processor, tokenizer, query_tokenizer).
+        super().__init__(image_processor, tokenizer, query_tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -230,6 +199,31 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         if "trust_remote_code" not in kwargs:
             kwargs.setdefault("config", PreTrainedConfig())
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """The parent's, plus the checkpoint's `prompt_templates.json` (a folder or a hub repo); without one the
+        default wording of the checkpoint's `prompt_style` is used."""
+        processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        if "prompt_templates" in processor_dict or os.path.isfile(str(pretrained_model_name_or_path)):
+            return processor_dict, rest
+        hub = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+        resolved = cached_file(
+            pretrained_model_name_or_path,
+            PROMPTS_FILE,
+            **{key: kwargs[key] for key in hub if kwargs.get(key) is not None},
+            _raise_exceptions_for_missing_entries=False,
+        )
+        if resolved is not None:
+            with open(resolved, encoding="utf-8") as handle:
+                processor_dict["prompt_templates"] = json.load(handle)
+        return processor_dict, rest
+
+    def to_json_file(self, json_file_path):
+        # `save_pretrained` writes processor_config.json through here before it uploads (`push_to_hub`), so the
+        # templates file written next to it is saved and pushed with it.
+        super().to_json_file(json_file_path)
+        self.prompts.save(os.path.join(os.path.dirname(os.fspath(json_file_path)), PROMPTS_FILE))
 
     @property
     def model_input_names(self):
@@ -243,19 +237,24 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
     # ---- images -------------------------------------------------------------------------------
 
     def fit_originals(self, images: list, max_pixels: int | None = None, fitted: dict | None = None) -> list:
-        """Load the original images of one conversation and resize them to their displayed size; they
-        share the pixel budget (each gets `max_pixels / N`, REFERENCE.md §2.6). `fitted` memoises the
-        results per source and budget across the conversations of a batch (GRPO repeats each prompt)."""
+        """The original images of one conversation resized to their displayed size; they share the pixel
+        budget (each gets `max_pixels / N`, REFERENCE.md §2.6). `fitted` memoises the results per source and
+        budget across the conversations of a batch (GRPO repeats each prompt)."""
+        return self._open_and_fit(images, max_pixels, fitted)[1]
+
+    def _open_and_fit(self, images: list, max_pixels: int | None, fitted: dict | None) -> tuple[list, list]:
+        """(originals opened upright at full resolution, their displayed-size versions), as `fit_originals`."""
         budget, smallest = self.original_budget(len(images), max_pixels)
         fitted = {} if fitted is None else fitted
-        results = []
+        pairs = []
         for image in images:
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
             key = (source, budget, smallest)
             if key not in fitted:
-                fitted[key] = fit_image(open_image(image), budget, smallest, self.patch_factor)
-            results.append(fitted[key])
-        return results
+                original = open_image(image)
+                fitted[key] = (original, fit_image(original, budget, smallest, self.patch_factor))
+            pairs.append(fitted[key])
+        return [original for original, _ in pairs], [shown for _, shown in pairs]
 
     def original_budget(self, count: int, max_pixels: int | None = None) -> tuple[int, int]:
         """(max, min) pixel area of each of `count` original images. An explicit `max_pixels` below
@@ -286,78 +285,123 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
             raise ValueError("tokenize_queries needs at least one query (use '' for an empty query)")
         if not all(isinstance(q, str) for q in queries):
             raise ValueError(f"queries must be strings, got {[type(q).__name__ for q in queries]}")
-        tokenizer = self.query_tokenizer
-        full_lengths = [len(ids) for ids in tokenizer(queries)["input_ids"]]
-        encoding = tokenizer(
-            queries,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_query_length,
-            return_tensors=return_tensors,
-        )
-        for row, query in enumerate(queries):
-            if not query:
-                encoding["attention_mask"][row] = 0
-        truncated = [length > self.max_query_length for length in full_lengths]
-        return BatchFeature(
-            {"query_ids": encoding["input_ids"], "query_attention_mask": encoding["attention_mask"]},
-            tensor_type=return_tensors,
-        ), truncated
+        # One pass: a query cut to max_query_length also yields overflow rows, which say it was cut.
+        encoding = self.query_tokenizer(
+            queries, padding="max_length", truncation=True, max_length=self.max_query_length,
+            return_overflowing_tokens=True,
+        )  # fmt: skip
+        owners = encoding["overflow_to_sample_mapping"]
+        first = {}
+        for row, owner in enumerate(owners):
+            first.setdefault(owner, row)
+        rows = [first[i] for i in range(len(queries))]
+        ids = torch.tensor([encoding["input_ids"][row] for row in rows])
+        mask = torch.tensor([encoding["attention_mask"][row] for row in rows])
+        mask[torch.tensor([not q for q in queries])] = 0
+        truncated = [owners.count(i) > 1 for i in range(len(queries))] if len(owners) > len(queries) else [False] * len(queries)
+        return BatchFeature({"query_ids": ids, "query_attention_mask": mask}, tensor_type=return_tensors), truncated
 
     # ---- calling ------------------------------------------------------------------------------
 
-    def __call__(self, images=None, text=None, queries=None, image_to_query_mapping=None, **kwargs):
-        """Stock Qwen2.5-VL processing plus query tensors.
-
-        Images are used at the size given (rounded to patch multiples within [min_pixels, max_pixels]);
-        `apply_chat_template` / `fit_originals` size the originals. `queries` (one string per query
-        row) and `image_to_query_mapping` (one row index per image) default to one empty query per
-        image. For a batch of texts pass per-sample lists; rows are offset across samples.
-        """
+    def encode(self, text=None, images=None, **kwargs) -> BatchFeature:
+        """Stock Qwen2.5-VL processing of `text` with `images` taken at the size given (they are already
+        displayed-size: the sizes the text states), without query tensors."""
         kwargs.setdefault("images_kwargs", {})
         kwargs["images_kwargs"].setdefault("size", self.size_keeping(images))
-        outputs = super().__call__(images=images, text=text, **kwargs)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def __call__(self, images=None, text=None, queries=None, image_to_query_mapping=None, images_sized=False, **kwargs):
+        """Stock Qwen2.5-VL processing plus query tensors and the originals.
+
+        Each text's images are shown at the sizes the text states: the sizes `apply_chat_template(...,
+        tokenize=False)` stated for that text, or else the ViLaVT rule (the originals of a conversation — the
+        images before its first tool response — share `max_pixels`; crops fit `crop_max_pixels`).
+        `images_sized=True`: the images are already displayed-size (`apply_chat_template` passes them so).
+        `queries` (one string per query row, or their `tokenize_queries` encoding) and `image_to_query_mapping`
+        (one row index per image) default to one empty query per image; for a batch of texts pass per-sample
+        lists (rows are offset across samples). The output's `originals` holds each sample's original images
+        (upright, full resolution), which `generate` crops from.
+        """
+        images = prepare_images(images, convert=False)  # upright, 8-bit, <= 200:1: what open_image gives the crops
         if images is None:
-            return outputs
+            return self.encode(text=text, **kwargs)
+        texts = [text] if isinstance(text, str) else list(text or [])
+        originals = self._images_per_text(images, texts)
+        shown = originals if images_sized or not texts else [self._sized_as_stated(t, o) for t, o in zip(texts, originals)]
+        outputs = self.encode(text=text, images=[image for sample in shown for image in sample] or None, **kwargs)
         num_images = len(outputs["image_grid_thw"])
-        if queries is None:
-            queries, mapping = [""] * num_images, list(range(num_images))
-        elif queries and isinstance(queries[0], (list, tuple)):  # per-sample lists
-            if image_to_query_mapping is None or len(image_to_query_mapping) != len(queries):
-                raise ValueError("per-sample queries need a per-sample image_to_query_mapping of the same length")
-            mapping, offset = [], 0
-            for sample_queries, sample_mapping in zip(queries, image_to_query_mapping):
-                mapping += [offset + int(q) for q in sample_mapping]
-                offset += len(sample_queries)
-            queries = [q for sample_queries in queries for q in sample_queries]
-        else:
+        if isinstance(queries, BatchFeature):  # already tokenized (the chatting loop's tool responses)
+            encoding = queries
             mapping = list(range(num_images)) if image_to_query_mapping is None else list(image_to_query_mapping)
+        else:
+            if queries is None:
+                queries, mapping = [""] * num_images, list(range(num_images))
+            elif queries and isinstance(queries[0], (list, tuple)):  # per-sample lists
+                if image_to_query_mapping is None or len(image_to_query_mapping) != len(queries):
+                    raise ValueError("per-sample queries need a per-sample image_to_query_mapping of the same length")
+                encodings = [self.tokenize_queries(q)[0] for q in queries]
+                batch = batch_vision(
+                    [{**e, "image_to_query_mapping": torch.tensor(m, dtype=torch.long)} for e, m in zip(encodings, image_to_query_mapping)]
+                )
+                queries, mapping = None, batch.pop("image_to_query_mapping").tolist()
+                encoding = BatchFeature(batch)
+            else:
+                mapping = list(range(num_images)) if image_to_query_mapping is None else list(image_to_query_mapping)
+            if queries is not None:
+                encoding, _ = self.tokenize_queries(queries, return_tensors="pt")
         if len(mapping) != num_images:
             raise ValueError(f"image_to_query_mapping has {len(mapping)} entries but {num_images} images were given")
-        encoding, _ = self.tokenize_queries(queries, return_tensors="pt")
         outputs.update(encoding)
-        outputs["image_to_query_mapping"] = BatchFeature({"m": [mapping]}, tensor_type="pt")["m"][0]
+        outputs["image_to_query_mapping"] = torch.tensor(mapping, dtype=torch.long)
+        outputs["originals"] = originals  # not a tensor: left alone by .to(device) and by the model's forward
         return outputs
+
+    def _images_per_text(self, images, texts: list[str]) -> list[list]:
+        """`images` (flat, or one list per text) as one list per text, by the image placeholders of each text."""
+        if not texts:
+            return [[image] for image in _flat_images(images)]
+        if isinstance(images, (list, tuple)) and images and all(isinstance(part, (list, tuple)) for part in images):
+            nested = [list(part) for part in images]
+        else:
+            flat, counts, nested = _flat_images(images), [t.count(self.image_token) for t in texts], []
+            if sum(counts) != len(flat):
+                raise ValueError(f"the text holds {sum(counts)} {self.image_token} placeholders but {len(flat)} images were given")
+            for count in counts:
+                nested.append(flat[:count])
+                flat = flat[count:]
+        if len(nested) != len(texts):
+            raise ValueError(f"{len(nested)} lists of images were given for {len(texts)} texts")
+        return nested
+
+    def _sized_as_stated(self, text: str, images: list) -> list:
+        """`images` (one text's, in order) at the displayed sizes `text` states."""
+        stated = self._stated_sizes.get(text)
+        if stated is not None and len(stated) == len(images):
+            return [im if im.size == size else im.resize(size, Image.Resampling.BICUBIC) for im, size in zip(images, stated)]
+        count = text.split(TOOL_RESPONSE_OPEN, 1)[0].count(self.image_token)  # the originals: before any tool response
+        budget, smallest = self.original_budget(count)
+        return [
+            fit_image(image, budget, smallest, self.patch_factor)
+            if i < count
+            else fit_image(image, self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
+            for i, image in enumerate(images)
+        ]
 
     def prepare_conversation(
         self, conversation: list[dict], images: list | None = None, max_pixels: int | None = None, fitted=None
-    ) -> list[dict]:
+    ) -> tuple[list[dict], list]:
         """A copy of `conversation` whose image items hold displayed-size images and their `width` /
-        `height`, as the template needs. Originals (user turns) share the pixel budget; tool-turn
-        images (crops) keep their size. `images` fills image items that carry no image of their own
-        (TRL-style placeholders), in order. `max_pixels` overrides the originals' shared budget;
-        `fitted` is `fit_originals`' memo."""
-        # Messages and content items are copied (the items are rewritten below), images are not.
-        conversation = [
-            {**message, "content": [dict(item) if isinstance(item, dict) else item for item in message["content"]]}
-            if isinstance(message.get("content"), list) else dict(message)
-            for message in conversation
-        ]  # fmt: skip
+        `height`, as the prompts need, and its originals (upright, full resolution); a video item becomes one
+        image item per frame. Originals (user turns) share the pixel budget; tool-turn images (crops) are
+        fitted to the crop budget unless they carry their displayed size already. `images` fills image items
+        that carry no image of their own (TRL-style placeholders), in order. `max_pixels` overrides the
+        originals' shared budget; `fitted` is `fit_originals`' memo."""
+        conversation = [_copied(message) for message in conversation]
         pending = list(images or [])
         items_by_role = {"user": [], "tool": []}
         for message in conversation:
             if message.get("role") in items_by_role and isinstance(message.get("content"), list):
-                items_by_role[message["role"]] += [item for item in message["content"] if _is_image_item(item)]
+                items_by_role[message["role"]] += [item for item in message["content"] if is_image_item(item)]
 
         def source(item):
             found = item.get("image", item.get("image_url", item.get("path", item.get("url"))))
@@ -369,29 +413,51 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
                 found = pending.pop(0)
             return found
 
-        originals = self.fit_originals([source(item) for item in items_by_role["user"]], max_pixels, fitted)
-        crops = [
-            fit_image(open_image(source(item)), self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
-            for item in items_by_role["tool"]
-        ]
-        for item, image in zip(items_by_role["user"] + items_by_role["tool"], originals + crops):
+        def crop(item):
+            image = source(item)
+            if isinstance(image, Image.Image) and image.size == (item.get("width"), item.get("height")):
+                return image  # a crop the loop already sized
+            return fit_image(open_image(image), self.crop_max_pixels, self.crop_min_pixels, self.patch_factor)
+
+        originals, shown = self._open_and_fit([source(item) for item in items_by_role["user"]], max_pixels, fitted)
+        crops = [crop(item) for item in items_by_role["tool"]]
+        for item, image in zip(items_by_role["user"] + items_by_role["tool"], shown + crops):
             for key in ("image_url", "path", "url"):
                 item.pop(key, None)
             item.update(type="image", image=image, width=image.width, height=image.height)
-        return conversation
+        return conversation, originals
 
     def apply_chat_template(self, conversation, chat_template=None, images=None, max_pixels=None, **kwargs):
-        """Render (and optionally tokenize) ViLaVT conversations; image items are sized first so the
-        prompt states the displayed sizes the model must use for boxes (`max_pixels` overrides the
-        originals' budget)."""
+        """Render (and optionally tokenize) ViLaVT conversations with the processor's prompt templates; image
+        items are sized first so the prompt states the displayed sizes the model must use for boxes
+        (`max_pixels` overrides the originals' budget).
+
+        Tokenized, text the conversation holds (questions, tool-response errors) is encoded as text even where
+        it spells a control token (transformers' `sanitize_control_tokens`), unless assistant masks are asked
+        for; the output's `originals` holds each conversation's original images. As text, the sizes it states are
+        remembered, so that `processor(text=..., images=...)` encodes exactly them."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        if batched:
-            fitted = {}
-            conversation = [self.prepare_conversation(c, max_pixels=max_pixels, fitted=fitted) for c in conversation]
-        else:
-            conversation = self.prepare_conversation(conversation, images, max_pixels)
-        kwargs.setdefault("prompt_style", self.prompt_style)
-        return super().apply_chat_template(conversation, chat_template, **kwargs)
+        fitted = {}
+        prepared = [
+            self.prepare_conversation(c, None if batched else images, max_pixels, fitted)
+            for c in (conversation if batched else [conversation])
+        ]
+        rendered = [self.prompts.render(c) for c, _ in prepared]
+        tokenize = kwargs.get("tokenize", False)
+        if tokenize and not kwargs.get("return_assistant_tokens_mask"):
+            kwargs.setdefault("sanitize_control_tokens", True)
+        if tokenize:
+            kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), "images_sized": True}
+        out = super().apply_chat_template(rendered if batched else rendered[0], chat_template, **kwargs)
+        if not tokenize:
+            for text, conv in zip([out] if isinstance(out, str) else out, rendered):
+                sizes = [(i["width"], i["height"]) for m in conv if isinstance(m.get("content"), list) for i in m["content"] if is_image_item(i)]
+                self._stated_sizes[text] = sizes
+                while len(self._stated_sizes) > 256:
+                    self._stated_sizes.popitem(last=False)
+        elif kwargs.get("return_dict"):
+            out["originals"] = [originals for _, originals in prepared]
+        return out
 
 
 ViLaVTProcessor.register_for_auto_class()

@@ -4,8 +4,7 @@ is validated, how tool responses are phrased and how the answer is read.
 A step:   <think>…</think><tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}, …], "query": "…"}</tool>
 the end:  <think>…</think><answer>…</answer>
 
-Prompts themselves live in the chat template (processing_vilavt.py); this module builds the tool
-messages the template renders.
+Prompt text is checkpoint data (prompts_vilavt.py); so are the tool messages the processor renders.
 """
 
 import json
@@ -17,9 +16,11 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool>", "</tool>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-_TOOL_RE = re.compile(r"<tool>(.*?)</tool>", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+# Numbers in a tool call: JSON's grammar (ASCII digits only), also accepted inside strings ("10", " 110.5").
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_EXACT_INT_DIGITS = 15  # longer integer literals are read as floats: no 4300-digit limit, no int -> float overflow
+_SHOWN_CHARS = 80  # how much of a bad value an error message echoes
 
 
 class ToolCallError(ValueError):
@@ -46,24 +47,66 @@ class Step:
     thought: str | None = None
     tool_call: ToolCall | None = None
     answer: str | None = None
-    error: str | None = None  # why a <tool> block could not be used
+    error: str | None = None  # why the turn's tool call (a <tool> block, or a stray </tool>) could not be used
     notes: list[str] = field(default_factory=list)
 
     @property
     def wants_tool(self) -> bool:
-        return TOOL_OPEN in self.text
+        """The turn tried to call the tool (the loop stops at `</tool>` too, so a stray one counts)."""
+        return TOOL_OPEN in self.text or TOOL_CLOSE in self.text
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _block(text: str, open_tag: str, close_tag: str) -> str | None:
+    """The content of the first `open_tag`…`close_tag`, or None. Two `str.find`s: linear, where a lazy
+    regex rescans the rest of the text from every unclosed opening tag (quadratic)."""
+    start = text.find(open_tag)
+    if start < 0:
+        return None
+    start += len(open_tag)
+    end = text.find(close_tag, start)
+    return None if end < 0 else text[start:end]
+
+
+def _show(value) -> str:
+    """A bad value as the error message quotes it: JSON, cut short, with `<` escaped so that a spelled-out
+    control token (`<|im_end|>`) in the model's text never reaches the tokenizer whole."""
+    try:
+        shown = json.dumps(value)
+    except (ValueError, RecursionError):
+        shown = type(value).__name__
+    if len(shown) > _SHOWN_CHARS:
+        shown = shown[: _SHOWN_CHARS - 1] + "…"
+    return shown.replace("<", "\\u003c")
+
+
+def _parse_int(literal: str):
+    # Exact ints up to 15 digits; longer ones become floats (inf past 1e308), rejected later as out of range.
+    return int(literal) if len(literal) <= _EXACT_INT_DIGITS else float(literal)
+
+
+def _coordinate(value) -> int | float | None:
+    """A finite coordinate from a JSON number (kept as written: int or float) or a numeric string (as the
+    authors' `float()` reads it), else None."""
+    if isinstance(value, str) and len(value) <= _SHOWN_CHARS and _NUMBER_RE.fullmatch(value.strip()):
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def parse_tool_call(payload: str, max_regions: int | None = None) -> ToolCall:
-    """Validate the JSON inside <tool>…</tool>; raises ToolCallError with a message for the model."""
+    """Validate the JSON inside <tool>…</tool>; raises ToolCallError with a message for the model.
+
+    Never raises anything else, whatever the payload: huge or non-finite numbers, deep nesting and
+    unpaired surrogates are errors like any other, and the time is linear in the payload's length."""
     try:
-        call = json.loads(payload.strip())
+        call = json.loads(payload.strip(), parse_int=_parse_int)
     except json.JSONDecodeError as err:
-        raise ToolCallError(f"the tool call is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+        raise ToolCallError(
+            f"the tool call is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    except RecursionError:
+        raise ToolCallError("the tool call is nested too deeply to be read") from None
     if not isinstance(call, dict):
         raise ToolCallError('the tool call must be a JSON object with keys "region" and "query"')
     for key in ("region", "query"):
@@ -83,43 +126,64 @@ def parse_tool_call(payload: str, max_regions: int | None = None) -> ToolCall:
             if key not in region:
                 raise ToolCallError(f'{where} is missing the key "{key}"')
         index, box = region["index"], region["bbox_2d"]
-        if not _number(index) or int(index) != index:
-            raise ToolCallError(f'{where}: "index" must be an integer, got {json.dumps(index)}')
-        if not isinstance(box, list) or len(box) != 4 or not all(_number(v) for v in box):
-            raise ToolCallError(f'{where}: "bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2], got {json.dumps(box)}')
-        x1, y1, x2, y2 = box
+        if (
+            not isinstance(index, (int, float))
+            or isinstance(index, bool)
+            or not math.isfinite(index)
+            or int(index) != index
+        ):
+            raise ToolCallError(f'{where}: "index" must be an integer, got {_show(index)}')
+        coordinates = [_coordinate(v) for v in box] if isinstance(box, list) and len(box) == 4 else None
+        if coordinates is None or None in coordinates:
+            raise ToolCallError(f'{where}: "bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2], got {_show(box)}')
+        x1, y1, x2, y2 = coordinates
         if not (x1 < x2 and y1 < y2):
             raise ToolCallError(
-                f"{where}: bbox_2d {json.dumps(box)} is inverted or has zero area (need x1 < x2 and y1 < y2)"
+                f"{where}: bbox_2d {_show(box)} is inverted or has zero area (need x1 < x2 and y1 < y2)"
             )
         parsed.append(Region(int(index), (x1, y1, x2, y2)))
     query = call["query"]
     if not isinstance(query, str) or not query.strip():
         raise ToolCallError('"query" must be a non-empty string')
+    if _SURROGATE_RE.search(query):  # "\ud800" alone decodes to a str no tokenizer can encode
+        raise ToolCallError(
+            '"query" holds an unpaired surrogate escape (\\ud800 to \\udfff): write the character itself'
+        )
     return ToolCall(parsed, query.strip())
 
 
 def parse_step(text: str, max_regions: int | None = None) -> Step:
-    """Read a turn: a tool call (the first <tool>…</tool>; its errors are kept, not raised), else an answer."""
-    think = _THINK_RE.search(text)
-    step = Step(text=text, thought=think.group(1).strip() if think else None)
-    if TOOL_OPEN in text:
-        match = _TOOL_RE.search(text)
-        if match is None:
+    """Read a turn: a tool call (the first <tool>…</tool>; its errors are kept, not raised), else an answer.
+
+    A `</tool>` with no `<tool>` before it is a failed call (the loop stops there as at any call): the
+    Step's `error` says what was wrong. Never raises; linear in the length of `text`."""
+    thought = _block(text, THINK_OPEN, THINK_CLOSE)
+    step = Step(text=text, thought=thought.strip() if thought is not None else None)
+    opened = text.find(TOOL_OPEN)
+    if opened >= 0:
+        payload = _block(text[opened:], TOOL_OPEN, TOOL_CLOSE)
+        if payload is None:
             step.error = "the <tool> block is not closed with </tool>"
         else:
             try:
-                step.tool_call = parse_tool_call(match.group(1), max_regions)
+                step.tool_call = parse_tool_call(payload, max_regions)
             except ToolCallError as err:
                 step.error = str(err)
+        return step
+    if TOOL_CLOSE in text:
+        step.error = (
+            "</tool> was written without an opening <tool>; a tool call is "
+            '<tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}], "query": "..."}</tool>'
+        )
         return step
     step.answer = extract_answer(text)
     return step
 
 
 def unwrap_boxed(text: str) -> str:
-    r"""The content of the first `\boxed{…}` (braces balanced), or `text` unchanged."""
-    start = text.find("\\boxed{")
+    r"""The content of the last `\boxed{…}` (braces balanced, or to the end if it never closes), or `text`
+    unchanged — the authors' reward and evaluator read the last one. Linear time."""
+    start = text.rfind("\\boxed{")
     if start < 0:
         return text
     depth, begin = 0, start + len("\\boxed{")
@@ -130,13 +194,13 @@ def unwrap_boxed(text: str) -> str:
             if depth == 0:
                 return text[begin:i]
             depth -= 1
-    return text
+    return text[begin:]
 
 
 def extract_answer(text: str) -> str | None:
     r"""The content of the first <answer>…</answer>, stripped and `\boxed{}`-unwrapped; None without one."""
-    match = _ANSWER_RE.search(text)
-    return unwrap_boxed(match.group(1).strip()).strip() if match else None
+    answer = _block(text, ANSWER_OPEN, ANSWER_CLOSE)
+    return unwrap_boxed(answer.strip()).strip() if answer is not None else None
 
 
 def format_ok(turn: str) -> bool:
@@ -151,14 +215,14 @@ def format_ok(turn: str) -> bool:
         if depth not in (0, 1):
             return False
     if TOOL_OPEN in turn:
-        match = _TOOL_RE.search(turn)
-        if match is None:
+        payload = _block(turn, TOOL_OPEN, TOOL_CLOSE)
+        if payload is None:
             return False
         try:
-            parse_tool_call(match.group(1))
+            parse_tool_call(payload)
         except ToolCallError:
             return False
-    if ANSWER_OPEN in turn and _ANSWER_RE.search(turn) is None:
+    if ANSWER_OPEN in turn and _block(turn, ANSWER_OPEN, ANSWER_CLOSE) is None:
         return False
     return True
 
@@ -176,26 +240,6 @@ def render_answer(answer: str, thought: str) -> str:
     return f"{THINK_OPEN}{thought}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 
-# ---- tool responses (rendered by the chat template) ------------------------------------------------
-
-
-def error_text(message: str) -> str:
-    return f"[Error] Zoom-in failed: {message}\n"
-
-
-def tool_message(crops=(), first_index: int = 0, final: bool = False, error: str | None = None, notes=()) -> dict:
-    """A `tool` message for the chat template: the crops (displayed-size PIL images, with their global
-    image indices), or an error; `final` adds the "answer now" prompt."""
-    content = [
-        {"type": "image", "image": crop, "index": first_index + i, "width": crop.width, "height": crop.height}
-        for i, crop in enumerate(crops)
-    ]
-    if error is not None:
-        content.append({"type": "text", "text": error_text(error)})
-    content += [{"type": "text", "text": f"Note: {note}\n"} for note in notes]
-    return {"role": "tool", "content": content, "final": final}
-
-
 __all__ = [
     "Region",
     "ToolCall",
@@ -206,8 +250,6 @@ __all__ = [
     "extract_answer",
     "unwrap_boxed",
     "format_ok",
-    "tool_message",
-    "error_text",
     "render_tool_call",
     "render_answer",
 ]

@@ -1,6 +1,5 @@
-"""Shared by the benchmarks: the "small" model (about 28 M parameters), the scene, scripted episodes."""
+"""Shared by the benchmarks: the "small" model (about 29 M parameters), the scene, scripted episodes."""
 
-import json
 import math
 import os
 import time
@@ -11,42 +10,17 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
-from vilavt import ViLaVTForConditionalGeneration  # noqa: E402
 from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text  # noqa: E402
-from vilavt.tiny import build_tokenizers, tiny_config, tiny_processor  # noqa: E402
+from vilavt.tiny import tiny_vilavt  # noqa: E402
 
-SMALL = dict(
-    vision_config=dict(
-        depth=8, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512, fullatt_block_indexes=[3, 7]
-    ),
-    text_config=dict(
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-    ),
-    text_encoder_config=dict(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64
-    ),
-    initializer_range=0.05,
-)
 IMAGE_SIDE = 1344  # bench/rollout.py's default image: 1344 x 1344, 2304 image tokens (multiround.py: 1792)
 FREE_TOKENS = 48  # thought tokens the model writes itself at the start of every turn
 
 
 def build(side: int = IMAGE_SIDE):
-    """The small model and a processor that shows a `side` x `side` image as it is (side: a multiple of 28)."""
-    torch.manual_seed(0)
-    tokenizer, query_tokenizer = build_tokenizers()
-    config = tiny_config(tokenizer, query_tokenizer, **json.loads(json.dumps(SMALL)))
-    config._attn_implementation = "sdpa"
-    model = ViLaVTForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    processor = tiny_processor(tokenizer, query_tokenizer, max_pixels=side * side, crop_max_pixels=448 * 448)
-    return model, processor
+    """The small model (`vilavt.tiny.PRESETS["small"]`) and a processor that shows a `side` x `side` image as it is
+    (side: a multiple of 28)."""
+    return tiny_vilavt(seed=0, preset="small", processor_kwargs={"max_pixels": side * side})
 
 
 def scene(seed=0, side: int = IMAGE_SIDE) -> Image.Image:

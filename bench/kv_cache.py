@@ -33,7 +33,7 @@ def ms_per_step(model, cache_class, rows: int, cached: int, steps: int) -> float
         for step in range(steps):
             mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
             position = torch.full((3, rows, 1), cached + step)
-            model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+            model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
                   logits_to_keep=1)  # fmt: skip
         best = min(best, (time.perf_counter() - start) / steps * 1000)
     return best

@@ -38,14 +38,14 @@ def limit(model, episode):
 
     ids = episode.ids
     prompt = Episode(ids[: episode.prompt_length], episode.pixel_rows[:1], episode.grids[:1], episode.query_ids[:1],
-                     episode.query_mask[:1], [""], [0], episode.ledger)
+                     episode.query_mask[:1], [0], episode.ledger)
     inputs = full_inputs([prompt], 0)
     mm = model.model.mm_token_type_ids(inputs["input_ids"])
     positions, deltas = model.model.get_rope_index(inputs["input_ids"], mm, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
     start = time.perf_counter()
     # The loop's own cache type, so the limit differs from the loop only by the loop around the work.
-    cache = model(**inputs, position_ids=positions, past_key_values=GrowingCache(), use_cache=True,
-                  logits_to_keep=1).past_key_values
+    cache = model(**inputs, position_ids=positions, cache=GrowingCache(), use_cache=True,
+                  logits_to_keep=1).cache
     prompt_seconds = time.perf_counter() - start
 
     # Consecutive runs of sampled / injected tokens after the prompt.
@@ -65,13 +65,13 @@ def limit(model, episode):
                 token = torch.tensor([[ids[k]]])
                 pos = torch.full((3, 1, 1), position)
                 start = time.perf_counter()
-                cache = model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).past_key_values
+                cache = model(input_ids=token, position_ids=pos, cache=cache, use_cache=True).cache
                 other += time.perf_counter() - start
                 position += 1
             continue
         segment = ids[i - 1 : j]
         count = sum(1 for t in segment if t == model.config.vision_start_token_id)
-        grids = torch.tensor(episode.grids[image_cursor : image_cursor + count])
+        grids = episode.grids[image_cursor : image_cursor + count]
         encoder_outputs = None
         if count:
             start = time.perf_counter()
@@ -89,8 +89,8 @@ def limit(model, episode):
         seg_positions, _ = model.model.get_rope_index(token_ids, model.model.mm_token_type_ids(token_ids), grids if count else None)
         seg_positions = seg_positions + position
         start = time.perf_counter()
-        cache = model(input_ids=token_ids, position_ids=seg_positions, past_key_values=cache, use_cache=True,
-                      mm_encoder_outputs=encoder_outputs, logits_to_keep=1).past_key_values
+        cache = model(input_ids=token_ids, position_ids=seg_positions, cache=cache, use_cache=True,
+                      mm_encoder_outputs=encoder_outputs, logits_to_keep=1).cache
         other += time.perf_counter() - start
         position = int(seg_positions.max()) + 1
     return prompt_seconds, other

@@ -9,6 +9,7 @@ Every stage uses the project's own pieces: `vilavt.synthetic` (tasks and gold tr
 trajectories — a real ViLaVT starts from Qwen2.5-VL's trained one), `vilavt.grounding_warmup` (stage 0b:
 the LLM learns to write the frame's box, which Qwen2.5-VL also knows from pretraining), `vilavt.train.sft`
 (TRL SFTTrainer on replayed trajectories, vision frozen), `vilavt.train.grpo` (TRL GRPOTrainer with ViLaVT rollouts).
+The stage configs are dicts in the run configs' shape (`vilavt.train.config`, the keys of `vilavt sft --help`).
 `--ship` copies the result (weights, config, processor) to src/vilavt/assets/tiny-zoom.
 """
 
@@ -33,7 +34,7 @@ from vilavt.vision_pretraining import pretrain_vision, task_views
 SHIPPED = Path(__file__).resolve().parent.parent / "src" / "vilavt" / "assets" / "tiny-zoom"
 VISION = dict(steps=400, batch_size=32, lr=1e-3)
 GROUNDING = dict(steps=750, batch_size=16, lr=1e-3)
-VISION_PARTS = dict(vit=False, merger=False, instruct=False)  # SFT and GRPO train the LLM on stage 0's vision
+VISION_PARTS = dict(train_vit=False, train_merger=False, train_instruct=False)  # SFT and GRPO train the LLM on stage 0's vision
 # SFT replays 800 of the 3000 gold trajectories (2.5 epochs of them); GRPO then learns from 1600 questions
 # with answers only. With all 3000, SFT alone reaches ~99 % on single tasks and GRPO has nothing left to fix
 # (README); with 800 it leaves grounding errors that GRPO's answer reward corrects.
@@ -51,7 +52,7 @@ SFT = dict(
     seed=0,
     dataloader_num_workers=1,
     disable_tqdm=True,
-    gradient_checkpointing=False,  # TRL turns it on; the tiny model fits, so recomputing activations only costs time
+    activation_checkpointing=False,  # TRL turns it on; the tiny model fits, so recomputing activations only costs time
 )
 # GRPO on single-image tasks: 4 prompts x 4 rollouts per step (more prompts per step helped more than more
 # rollouts per prompt in trials). It samples at 0.7: at temperature 1 the tiny model's rollouts were mostly
@@ -70,7 +71,7 @@ GRPO = dict(
     report_to=[],
     seed=0,
     disable_tqdm=True,
-    gradient_checkpointing=False,  # as in SFT
+    activation_checkpointing=False,  # as in SFT
 )
 GRPO_KINDS = ["single"]
 
@@ -112,7 +113,7 @@ def main():
 
     sft = build_sft_trainer(
         {**SFT, "seed": args.sft_seed, "train_file": str(sft_data), "image_root": str(data),
-         "output_dir": str(out / "sft"), "train": VISION_PARTS},
+         "output_dir": str(out / "sft"), **VISION_PARTS},
         model=model,
         processor=processor,
     )
@@ -123,7 +124,7 @@ def main():
     grpo = build_grpo_trainer(
         {**GRPO, "max_steps": args.grpo_steps, "learning_rate": args.grpo_lr, "num_generations": args.grpo_generations,
          "train_file": str(rl_data), "image_root": str(data), "output_dir": str(out / "grpo"), "max_rounds": 3,
-         "train": {**VISION_PARTS, "text_proj": False}},
+         **VISION_PARTS, "train_text_proj": False},
         model=sft.model,
         processor=processor,
     )

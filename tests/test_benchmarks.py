@@ -15,6 +15,7 @@ from vilavt.benchmarks import (
     NUMBER_INSTRUCTION,
     BenchmarkError,
     Item,
+    append_results,
     build_question,
     dry_run,
     eval_main,
@@ -25,6 +26,7 @@ from vilavt.benchmarks import (
     score_benchmark_answer,
     summarize,
 )
+from vilavt.cli import main
 from vilavt.scripted import ScriptedPolicy, answer_text
 
 SAMPLES = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -175,8 +177,73 @@ def test_corrupt_json_names_file_line_and_column(tmp_path, capsys):
     path.write_text('[\n  {"question_id": 1,\n   "question": "Q?" "answer": "A"}\n]\n')
     with pytest.raises(BenchmarkError, match=r"broken.json: invalid JSON at line 3, column 21"):
         load_benchmark(path)
-    assert eval_main(["--benchmark", str(path), "--image-root", str(tmp_path), "--dry-run"]) == 2
-    assert "broken.json: invalid JSON at line 3, column 21" in capsys.readouterr().err
+    assert main(["eval", "--benchmark", str(path), "--image-root", str(tmp_path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"vilavt eval: error: {path}: invalid JSON at line 3, column 21: Expecting ',' delimiter\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"question": "caf\xe9?"}]'.encode("latin-1"), r"not UTF-8 text \(byte 0xe9 at offset 18, line 1\)"),
+        (b"[\n" + bytes(range(128, 256)), r"not UTF-8 text \(byte 0x80 at offset 2, line 2\)"),
+        ("[]".encode("utf-16"), r"not UTF-8 text \(byte 0xff at offset 0, line 1\)"),
+        (b"\x00\x01" * 8, r"invalid JSON at line 1, column 1"),
+        (b"[" * 100_000, r"JSON nested too deeply|invalid JSON"),
+        (b"[1, 2]", r"item 0 is (int|list), not an object"),  # (.jsonl: the line is item 0)
+        (b'"items"', r"expected a JSON list of objects \(one per question\), got str|item 0 is str"),
+    ],
+    ids=["latin-1", "binary", "utf-16", "nul-bytes", "deep", "numbers", "a-string"],
+)
+def test_a_file_that_is_not_a_utf8_json_list_is_named(tmp_path, content, message):
+    for name in ("bench.json", "bench.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(BenchmarkError, match=rf"^{re.escape(str(path))}: ({message})"):
+            load_benchmark(path)
+        with pytest.raises(BenchmarkError, match=message):
+            dry_run(path, tmp_path)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([mc(1, question="Caf\u00e9?")]).encode())
+    assert load_benchmark(path)[0].question.startswith("Caf\u00e9?")
+
+
+WRONG_TYPES = [
+    ("answer", ["A"]), ("answer", {"text": "A"}), ("answer", True), ("answer", ""), ("answer", float("nan")),
+    ("question", 7), ("question", ["Q?"]), ("question", "  "), ("problem_type", 3), ("problem_type", ["numerical"]),
+    ("options", "A. yes B. no"), ("options", [1, 2]), ("options", {"A": "yes"}), ("images", 3), ("images", [1]),
+    ("images", [""]), ("images", {"a": "b.png"}), ("image", 5), ("question_id", 1.5), ("question_id", [1]),
+    ("question_id", True), ("category", {"name": "x"}), ("category", [1]), ("num_images", "1"), ("num_images", -1),
+    ("visual_indices", "0"), ("visual_indices", [0.5]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field, value", WRONG_TYPES, ids=[f"{f}={json.dumps(v)}" for f, v in WRONG_TYPES])
+def test_fields_of_the_wrong_type_are_named_at_load_time(tmp_path, field, value):
+    record = mc(2, images=["a.png"])
+    record.pop("images") if field == "image" else None
+    record[field] = value
+    path = benchmark_file(tmp_path, [mc(1), record, mc(3)])
+    label = r"item 1 \(question_id 2\)" if field != "question_id" else r"item 1 \(question_id .*\)"
+    with pytest.raises(BenchmarkError, match=rf"^{re.escape(str(path))}: {label} `{field}` must be "):
+        load_benchmark(path)
+    assert dry_run(path, tmp_path)["errors"] == 1 and dry_run(path, tmp_path)["parsed"] == 2
+
+
+def test_numbers_and_ids_of_the_right_types_are_accepted(tmp_path):
+    records = [
+        dict(question_id=7, question="How many?", answer=3, problem_type="numerical", category=2),
+        dict(question_id="x", question="How far?", answer=2.5, problem_type="regression", options=None, images=None,
+             image="one.png", num_images=1, visual_indices=None),
+        mc(9, options=[]),
+    ]  # fmt: skip
+    items = load_benchmark(benchmark_file(tmp_path, records))
+    assert [(i.id, i.answer, i.category, i.images) for i in items] == [
+        ("7", "3", "2", []), ("x", "2.5", "all", ["one.png"]), ("9", "A", "all", ["a.png"]),
+    ]
+    assert score_benchmark_answer("3", items[0].answer, items[0].problem_type) == 1.0
 
 
 def test_corrupt_jsonl_line_is_named(tmp_path):
@@ -219,7 +286,8 @@ def test_a_benchmark_must_be_a_list_of_items(tmp_path):
         ("9.3", "10", "regression", 0.9),
         ("12.2 m", "10", "regression", 0.0),  # the whole answer must be a number
         ("move_right:1,move_forward:2", "move_right:1,move_forward:2", "vci", 1.0),
-        ("move_forward:2, move_right:1", "move_right:1,move_forward:2", "vci", 1.0),
+        ("move_forward:2,move_right:1", "move_right:1,move_forward:2", "vci", 1.0),
+        ("move_forward:2, move_right:1", "move_right:1,move_forward:2", "vci", 0.8),  # " move_right" is no action
         ("move_right:2,move_left:1,move_forward:2", "move_right:1,move_forward:2", "vci", 1.0),  # net right = 1
         ("move_forward:2", "move_right:1,move_forward:2", "vci", 0.8),  # right/left pair wrong, 4 pairs right
         ("move_forward:3,move_right:1", "move_right:1,move_forward:2", "vci", (1 + 0.1 + 1 + 1 + 1) / 5),
@@ -227,7 +295,7 @@ def test_a_benchmark_must_be_a_list_of_items(tmp_path):
         ("turn left", "move_right:1", "vci", 0.0),
         ("", "move_right:1", "vci", 0.0),
         ("Yes.", "yes", "judgment", 1.0),  # the rewards' metric
-        ("Multiple Choice", "m", "MC", 1.0),  # an alias of multiple choice
+        ("Multiple Choice", "m", " Multiple Choice", 1.0),  # another spelling gets its metric (the authors': 0)
     ],
 )
 def test_metrics(prediction, gold, kind, score):
@@ -258,10 +326,14 @@ def test_summary_averages_samples_then_items():
 
 
 def test_vsi_and_spar_overall_is_the_mean_of_type_means():
-    vsi = [item("1", "obj_count", "vsibench_32frame"), item("2", "obj_count", "vsibench_32frame"),
-           item("3", "obj_count", "vsibench_32frame"), item("4", "route_plan", "vsibench_32frame")]
+    vsi = [item("1", "object_counting", "vsibench_32frame"), item("2", "object_counting", "vsibench_32frame"),
+           item("3", "object_counting", "vsibench_32frame"), item("4", "route_planning", "vsibench_32frame")]
     records = records_of({("1", 0): 1.0, ("2", 0): 1.0, ("3", 0): 1.0, ("4", 0): 0.0})
     assert summarize(vsi, records)["accuracy"] == pytest.approx(0.5)  # not 3/4
+    # A type outside VSI-Bench's table is counted but left out of its overall, as in the authors' script.
+    other = summarize(vsi + [item("5", "obj_count", "vsibench_32frame")], {**records, **records_of({("5", 0): 0.0})})
+    assert other["accuracy"] == pytest.approx(0.5) and other["vsi"]["left_out"] == ["obj_count"]
+    assert other["vsi"]["count"] == 5 and other["mean"] == pytest.approx(3 / 5)
     assert summarize([item(i.id, i.category, "other") for i in vsi], records)["accuracy"] == pytest.approx(0.75)
     spar = [item("1", "depth_prediction_oc", "spar_bench"), item("2", "distance_infer_center_oo", "spar_bench"),
             item("3", "view_change_infer", "spar_bench"), item("4", "obj_spatial_relation_oo", "spar_bench")]
@@ -337,6 +409,22 @@ def test_scores_come_from_the_models_answers_in_batches(tiny, tmp_path, monkeypa
                                      "odd": {"accuracy": 0.5, "items": 2}}
 
 
+def test_the_metric_scores_the_final_response_as_the_authors(tiny, tmp_path, monkeypatch):
+    """By default the metric reads the final turn (its <answer> content: no \\boxed{} unwrapping, as the authors'
+    script on their vLLM evaluator's responses); `prediction="answer"` scores the extracted answer instead."""
+    model, processor = tiny
+    path = small_benchmark(tmp_path, count=2)  # golds: A, B
+    scripted_answers(model, monkeypatch, {"0": "\\boxed{A}", "1": "B"})
+    kwargs = dict(batch_size=2, max_rounds=1, progress=False, max_new_tokens=60)
+    run_eval(path, tmp_path / "images", model, processor, out_path=tmp_path / "response.jsonl", **kwargs)
+    lines = result_lines(tmp_path / "response.jsonl")
+    assert [(r["answer"], r["score"]) for r in lines] == [("A", 0.0), ("B", 1.0)]
+    assert lines[0]["response"].endswith("<answer>\\boxed{A}</answer>")
+    run_eval(path, tmp_path / "images", model, processor, out_path=tmp_path / "answer.jsonl", prediction="answer",
+             **kwargs)  # fmt: skip
+    assert [r["score"] for r in result_lines(tmp_path / "answer.jsonl")] == [1.0, 1.0]
+
+
 def test_an_interrupted_run_resumes_without_redoing_items(tiny, tmp_path, monkeypatch):
     model, processor = tiny
     path = small_benchmark(tmp_path, count=5)
@@ -379,6 +467,67 @@ def test_a_missing_image_is_recorded_and_the_run_goes_on(tiny, tmp_path, monkeyp
     assert calls == [["1"]] and summary["errors"] == 0 and summary["accuracy"] == pytest.approx(2 / 4)
 
 
+def record_line(id, sample=0, response="A") -> bytes:
+    record = dict(benchmark="mini", id=id, sample=sample, answer="A", response=response, gold="A", score=1.0,
+                  rounds=1, stop_reason="answer", error=None)  # fmt: skip
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def test_a_results_line_cut_anywhere_is_skipped_then_cut_off(tmp_path):
+    """Every cut of a line holding 2-, 3- and 4-byte characters (inside a character too): the complete lines
+    are read, the cut one is skipped, and the next append leaves only valid JSON lines."""
+    done = record_line("q0") + record_line("q1")
+    cut = record_line("q2", response="caf\u00e9 \u65e5\u672c \U0001f642 done")
+    assert len(cut) > len(cut.decode()) + 6  # multi-byte characters
+    for end in range(1, len(cut) - 1):  # without its newline and closing brace a record is never complete
+        path = tmp_path / f"cut-{end}.jsonl"
+        path.write_bytes(done + cut[:end])
+        assert set(read_results(path, "mini")) == {("q0", 0), ("q1", 0)}
+        append_results(path, [json.loads(record_line("q2", response="again"))])
+        lines = path.read_bytes().decode("utf-8").splitlines()
+        assert [json.loads(line)["id"] for line in lines] == ["q0", "q1", "q2"]
+        assert read_results(path, "mini")[("q2", 0)]["response"] == "again"
+
+
+def test_a_complete_last_line_without_newline_is_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(record_line("q0") + record_line("q1", response="\u65e5\u672c")[:-1])
+    append_results(path, [json.loads(record_line("q2"))])
+    assert [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()] == ["q0", "q1", "q2"]
+
+
+def test_unreadable_lines_inside_the_file_are_skipped(tmp_path, caplog):
+    path = tmp_path / "results.jsonl"
+    lines = [record_line("q0"), record_line("q1")[:30] + "\u65e5".encode()[:2] + b"\n", b"\xff\xfe\n", b"[1, 2]\n",
+             b'{"benchmark": "mini", "id": "q2", "sample": "0", "score": 1.0}\n',
+             b'{"benchmark": "mini", "id": "q3", "sample": 0, "score": "high"}\n', record_line("q4"), b"[" * 50_000 + b"\n"]
+    path.write_bytes(b"".join(lines))
+    with caplog.at_level(logging.WARNING, logger="vilavt.benchmarks"):
+        assert set(read_results(path, "mini")) == {("q0", 0), ("q4", 0)}
+    assert caplog.text.count("unreadable result line skipped") == 6
+
+
+def test_a_rerun_after_a_write_cut_inside_a_character_resumes(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    path = small_benchmark(tmp_path, count=3)
+    calls = scripted_answers(model, monkeypatch, dict.fromkeys("012", "A"))
+    out = tmp_path / "results.jsonl"
+    kwargs = dict(batch_size=1, max_rounds=1, out_path=out, progress=False, max_new_tokens=40)
+    run_eval(path, tmp_path / "images", model, processor, limit=2, **kwargs)
+    record = json.loads(out.read_text().splitlines()[-1]) | {"id": "q2", "response": "r\u00e9ponse \u65e5\u672c"}
+    line = json.dumps(record, ensure_ascii=False).encode("utf-8")
+    cut = line.index("\u65e5".encode()) + 1  # inside the 3-byte character
+    with out.open("ab") as f:
+        f.write(line[:cut])
+    calls.clear()
+    summary = run_eval(path, tmp_path / "images", model, processor, **kwargs)
+    assert calls == [["2"]] and summary["samples"] == 3 and summary["errors"] == 0
+    assert [r["id"] for r in result_lines(out)] == ["q0", "q1", "q2"]  # every line is valid JSON again
+    calls.clear()
+    run_eval(path, tmp_path / "images", model, processor, **kwargs)
+    assert calls == []
+
+
 def test_results_of_another_benchmark_are_refused(tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text(json.dumps({"benchmark": "ERQA", "id": "1", "sample": 0, "score": 1.0}) + "\n")
@@ -401,7 +550,7 @@ def test_vilavt_eval_end_to_end_on_the_tiny_model(tmp_path, capsys):
     lines = result_lines(out)
     assert [r["id"] for r in lines] == ["q0", "q1", "q2"]
     for record in lines:
-        fields = {"benchmark", "id", "sample", "answer", "gold", "score", "rounds", "stop_reason", "error"}
+        fields = {"benchmark", "id", "sample", "answer", "response", "gold", "score", "rounds", "stop_reason", "error"}
         assert set(record) == fields
         assert record["stop_reason"] in {"answer", "eos", "max_new_tokens", "max_turn_tokens", "max_rounds"}
         assert 0 <= record["rounds"] <= 2 and record["error"] is None

@@ -260,9 +260,12 @@ def test_streamer_receives_the_whole_conversation(tiny, capsys):
     )
     printed = capsys.readouterr().out
     episode = output.episodes[0]
-    expected = processor.tokenizer.decode(episode.ids[episode.prompt_length :])
+    # Everything new, with each image as <|vision_start|><|vision_end|> (its placeholder run left out).
+    image_pad = model.config.image_token_id
+    expected = processor.tokenizer.decode([i for i in episode.ids[episode.prompt_length :] if i != image_pad])
     assert printed.strip() == expected.strip()
-    assert "<tool_response>" in printed
+    assert "<tool_response>" in printed and "<|vision_start|><|vision_end|>" in printed
+    assert "<|image_pad|>" not in printed
 
 
 def test_plain_tensor_output(tiny):

@@ -114,7 +114,32 @@ def checkpoint(tiny, tmp_path):
     (folder / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"")
     (folder / "optimizer.pt").write_bytes(b"")
     (folder / ".DS_Store").write_bytes(b"")
+    # Training state anywhere in the tree (a Trainer's checkpoint-*/, DeepSpeed's global_step*/) is never uploaded.
+    for name in TRAINING_STATE:
+        for sub in ("checkpoint-500", "checkpoint-500/nested", "runs/checkpoint-9"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            (folder / sub / name).write_bytes(b"x")
+    (folder / "global_step500").mkdir()
+    (folder / "global_step500" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (folder / "checkpoint-500" / ".git").mkdir()
+    (folder / "checkpoint-500" / ".git" / "HEAD").write_bytes(b"x")
+    (folder / "checkpoint-500" / "__pycache__").mkdir()
+    (folder / "checkpoint-500" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"x")
     return folder
+
+
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_3.pth", "trainer_state.json",
+                  "training_args.bin", "scaler.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")  # fmt: skip
+UPLOADED = sorted(
+    ["README.md", "chat_template.jinja", "config.json", "configuration_vilavt.py", "generation_config.json",
+     "generation_vilavt.py", "images_vilavt.py", "model.safetensors", "modeling_vilavt.py", "processing_vilavt.py", "processor_config.json",
+     "prompt_templates.json", "prompts_vilavt.py", "protocol_vilavt.py", "query_tokenizer/tokenizer.json", "query_tokenizer/tokenizer_config.json", "regions_vilavt.py",
+     "tokenizer.json", "tokenizer_config.json", "trace_vilavt.py"]
+)  # fmt: skip
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_push_uploads_exactly_the_checkpoint(checkpoint):
@@ -130,12 +155,7 @@ def test_push_uploads_exactly_the_checkpoint(checkpoint):
 
     api = FakeApi()
     files = push(checkpoint, "someone/vilavt-tiny", private=True, api=api)
-    expected = sorted(
-        ["README.md", "chat_template.jinja", "config.json", "configuration_vilavt.py", "generation_config.json",
-         "generation_vilavt.py", "images_vilavt.py", "model.safetensors", "modeling_vilavt.py", "processing_vilavt.py", "processor_config.json",
-         "protocol_vilavt.py", "query_tokenizer/tokenizer.json", "query_tokenizer/tokenizer_config.json", "regions_vilavt.py",
-         "tokenizer.json", "tokenizer_config.json"]
-    )  # fmt: skip
+    expected = UPLOADED
     assert files == expected
     assert api.calls[0] == ("create_repo", "someone/vilavt-tiny", {"repo_type": "model", "private": True, "exist_ok": True})
     assert api.calls[1][1]["allow_patterns"] == expected
@@ -145,5 +165,74 @@ def test_push_uploads_exactly_the_checkpoint(checkpoint):
 
 def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="missing configuration_vilavt.py, modeling_vilavt.py, processing_vilavt.py"):
+    with pytest.raises(ValueError, match="missing configuration_vilavt.py, .*modeling_vilavt.py, processing_vilavt.py, prompts_vilavt.py"):
         push(tmp_path, "someone/x", dry_run=True)
+
+
+def test_push_refuses_a_checkpoint_whose_files_cannot_be_loaded(checkpoint):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        push(checkpoint, "someone/x", dry_run=True)
+    assert not (checkpoint / "README.md").exists()
+
+
+def test_a_dry_run_writes_nothing_and_lists_the_card_it_would_add(checkpoint, capsys):
+    from vilavt.cli import main
+
+    before = snapshot(checkpoint)
+    assert push(checkpoint, "someone/x", dry_run=True) == UPLOADED
+    assert main(["push", str(checkpoint), "someone/x", "--dry-run"]) == 0
+    assert snapshot(checkpoint) == before  # not a byte written
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "README.md  (would add: the model card)"
+    assert printed[1:-1] == UPLOADED[1:] and printed[-1] == f"would upload {len(UPLOADED)} files to someone/x"
+    (checkpoint / "README.md").write_text("my own card")
+    assert main(["push", str(checkpoint), "someone/x", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "README.md"  # the folder's own card: uploaded as it is
+    assert (checkpoint / "README.md").read_text() == "my own card"
+
+
+def card_metadata(text: str) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard(text).data.to_dict()
+
+
+def test_the_card_names_what_the_folder_was_initialised_from(checkpoint):
+    from vilavt.hub import model_card
+
+    card = card_metadata(model_card(checkpoint))
+    assert "base_model" not in card and card["library_name"] == "transformers"  # trained from scratch: none
+    config_path = checkpoint / "config.json"
+    config = json.loads(config_path.read_text())
+    for recorded, expected in [
+        (["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-Embedding-0.6B"], ["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-Embedding-0.6B"]),
+        ("someone/vilavt-7b-sft", ["someone/vilavt-7b-sft"]),
+        (str(checkpoint), None),  # a local path names nothing on the Hub
+        ("/data/models/qwen", None),
+    ]:  # fmt: skip
+        config_path.write_text(json.dumps({**config, "base_model": recorded}))
+        assert card_metadata(model_card(checkpoint)).get("base_model") == expected
+    config_path.write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct"}))  # older saves
+    assert card_metadata(model_card(checkpoint))["base_model"] == ["Qwen/Qwen2.5-VL-3B-Instruct"]
+    assert card_metadata(model_card(checkpoint, base_model=["a/b"]))["base_model"] == ["a/b"]
+
+
+def test_push_writes_the_card_with_the_base_model_given(checkpoint):
+    from vilavt.cli import main
+
+    class NoNetwork:
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            self.uploaded = kwargs["allow_patterns"]
+
+    api = NoNetwork()
+    files = push(checkpoint, "someone/x", api=api, base_model=["Qwen/Qwen2.5-VL-7B-Instruct"])
+    assert files == api.uploaded == UPLOADED
+    assert card_metadata((checkpoint / "README.md").read_text())["base_model"] == ["Qwen/Qwen2.5-VL-7B-Instruct"]
+    (checkpoint / "README.md").unlink()
+    assert main(["push", str(checkpoint), "someone/x", "--dry-run", "--base-model", "a/b", "--base-model", "c/d"]) == 0
+    assert not (checkpoint / "README.md").exists()

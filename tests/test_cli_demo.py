@@ -3,6 +3,7 @@ a fresh process, offline."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,14 @@ def test_chat_names_a_missing_image(tmp_path):
     assert "nope.png" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-tools"]])
+@pytest.mark.parametrize("flags", [[], ["--no-tools", "--no-progress"]])
 def test_synth_eval_ends_with_a_json_summary(flags):
-    out = vilavt("synth-eval", "--n", "8", "--type", "single", *flags).stdout
-    summary = json.loads(out.strip().splitlines()[-1])
+    result = vilavt("synth-eval", "--n", "8", "--type", "single", *flags)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    if "--no-progress" in flags:
+        assert "answer/s" not in result.stderr
+    else:  # a long run shows its progress (tqdm, on stderr), to the last answer
+        assert re.search(r"\| 8/8 \[[^\]]*answer/s\]", result.stderr), result.stderr
     assert summary["n"] == 8 and 0.0 <= summary["accuracy"] <= 1.0
     if flags:
         assert summary["mean_rounds"] == 0.0

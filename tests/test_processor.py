@@ -157,6 +157,7 @@ def test_processor_roundtrip(tiny, tmp_path):
 
     loaded = ViLaVTProcessor.from_pretrained(tmp_path)
     assert (loaded.max_pixels, loaded.max_query_length) == (processor.max_pixels, processor.max_query_length)
+    assert loaded.prompts == processor.prompts and loaded.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert loaded.apply_chat_template(conversation(red())) == processor.apply_chat_template(conversation(red()))
     assert torch.equal(loaded.tokenize_queries(["a b"])[0]["query_ids"], processor.tokenize_queries(["a b"])[0]["query_ids"])
 

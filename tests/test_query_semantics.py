@@ -103,3 +103,60 @@ def test_images_sharing_an_empty_query_attend_jointly(reference_model):
     )
     torch.testing.assert_close(joint, empty_joint)
     assert (joint - separate).abs().max() > 1e-3
+
+
+
+def test_dense_attention_mask_equals_the_query_groups(reference_model):
+    """`QueryGroups.attention_mask()`, one dense mask over cat([image keys, query keys]), gives what the QA
+    attention computes group by group (case E: a query shared by two images, left padding, an empty query)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    case = reference_case("e")
+    model = reference_model.model
+    instruct_embeds, instruct_mask = model._query_features(
+        len(case["image_grid_thw"]), case["query_ids"], case["query_attention_mask"], case["image_to_query_mapping"]
+    )
+    mapping = case["image_to_query_mapping"]
+    groups = model.visual.query_groups(case["image_grid_thw"], mapping, instruct_embeds, instruct_mask)
+    assert groups.query_embeds is not None and len(set(groups.q_lengths)) > 1
+    attn = model.visual.blocks[model.config.vision_config.query_aware_blocks[0]].attn
+    hidden = torch.randn(len(groups.position_ids), attn.dim, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.visual.rotary_pos_emb(hidden, groups.position_ids)
+    with torch.no_grad():
+        grouped = attn(hidden, position_embeddings=(cos, sin), query_groups=groups)
+        query, key, value = attn.qkv(hidden).reshape(len(hidden), 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+        query_key, query_value = attn.query_keys_values(groups)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(0, 1),
+            torch.cat([key, query_key]).transpose(0, 1),
+            torch.cat([value, query_value]).transpose(0, 1),
+            attn_mask=groups.attention_mask(),
+        )
+        dense = attn.proj(dense.transpose(0, 1).reshape(len(hidden), -1))
+    torch.testing.assert_close(dense, grouped, atol=1e-5, rtol=1e-5)
+
+
+def test_query_groups_are_a_pure_function_of_grid_mapping_and_mask():
+    """No model needed (the vLLM model calls this): two images share query 0, one has query 1 (left-padded)."""
+    from vilavt.remote_code.modeling_vilavt import build_query_groups
+
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 2, 2]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    groups = build_query_groups(grid, 2, torch.tensor([0, 0, 1]), mask)
+    # Image 1 starts where image 0 ends (max(h, w) = 2); image 2 opens its own group at 0.
+    assert groups.position_ids[:4].max() == 1 and groups.position_ids[4:12].min() == 2
+    assert groups.position_ids[12:].min() == 0 and groups.position_ids[12:].max() == 1
+    # Query slots follow the last image of their group: 2 + 4 = 6 and 2 (slots 1, 2 of a padded row).
+    assert groups.query_position_ids.tolist() == [6, 7, 3, 4]
+    assert (groups.q_lengths, groups.k_lengths) == ([12, 4], [14, 6])
+    assert groups.cu_seqlens_k.tolist() == [0, 14, 20] and groups.cu_seqlens_q.dtype == torch.int32
+    assert groups.kv_index.tolist() == [*range(12), 16, 17, *range(12, 16), 18, 19]
+    mask = groups.attention_mask()
+    assert mask.shape == (16, 20)
+    assert mask[:12, :12].all() and mask[:12, 16:18].all() and not mask[:12, 12:16].any() and not mask[:12, 18:].any()
+    assert mask[12:, 12:16].all() and mask[12:, 18:].all() and not mask[12:, :12].any() and not mask[12:, 16:18].any()
+    # Without a mapping or queries: each image alone, no query keys.
+    alone = build_query_groups(grid, 2)
+    assert alone.q_lengths == alone.k_lengths == [4, 8, 4] and alone.kv_index is None
+    assert alone.position_ids[4:12].min() == 0

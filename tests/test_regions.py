@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from vilavt.remote_code.protocol_vilavt import Region
-from vilavt.remote_code.regions_vilavt import ImageLedger, RegionError
+from vilavt.remote_code.regions_vilavt import ImageLedger, RegionError, fetch_size
 
 BIG = 10_000_000  # pixel budget large enough not to interfere
 
@@ -90,3 +90,47 @@ def test_indices_are_global_originals_first():
     assert [e.source for e in ledger.entries] == [0, 1, 0, 1]
     assert ledger.add([ledger.crop(Region(3, (0, 0, 20, 20)), BIG)]) == [4]
     assert ledger.entries[4].source == 1
+
+
+def test_nested_crops_chain_through_the_float_region():
+    """A crop's view is its float region, not its truncated pixel box: the next box lands where the authors' does."""
+    ledger = ImageLedger([coordinate_image(1000, 1000)], [(300, 300)])
+    first = ledger.crop(Region(0, (1, 1, 151, 151)), BIG)
+    assert first.pixel_box == (3, 3, 503, 503)  # int(1 / 300 * 1000) = int(3.33)
+    assert first.entry.box == (1 / 300, 1 / 300, 151 / 300, 151 / 300)
+    ledger.add([first])
+    assert first.image.size == (308, 308)
+    second = ledger.crop(Region(1, (3, 3, 154, 154)), BIG)
+    start = 1 / 300 + 3 / 308 * (151 / 300 - 1 / 300)
+    assert second.entry.box[0] == start and second.pixel_box[:2] == (8, 8)  # 8.2; via the pixel box 3: 7.87
+    assert second.pixel_box == (int(start * 1000), int(start * 1000), 253, 253)
+
+
+def test_the_size_cap_uses_the_float_region():
+    # Shown at 10x the original's density, the 2x rule does not bind; the cap 1 / (nx2 - nx1) does.
+    ledger = ImageLedger([coordinate_image(100, 100)], [(1000, 1000)])
+    plan = ledger.plan(Region(0, (0, 0, 333, 333)), BIG)
+    assert plan.pixel_box == (0, 0, 33, 33)
+    assert plan.resized == (99, 99)  # int(33 / 0.333); the original's 100 / 33 would give 100
+
+
+def test_a_region_shown_at_zero_pixels_fails():
+    # Shown at a tenth of its resolution (2x density = 0.2): 4 original rows become 0.8 -> 0.
+    ledger = ImageLedger([coordinate_image(4000, 4000)], [(400, 400)])
+    with pytest.raises(RegionError, match="too thin: its 2000 x 4 pixels of the original would be shown at 400 x 0"):
+        ledger.crop(Region(0, (0, 0, 200, 0.4)), BIG)
+
+
+def test_the_final_fit_is_qwen_vl_utils_smart_resize():
+    # A thin crop keeps one factor of height (qwen-vl-utils rounds each side to at least 28).
+    assert fetch_size(1000, 10, BIG) == (1008, 28)
+    assert fetch_size(100, 100, BIG, min_pixels=28 * 28 * 16) == (112, 112)  # ceiled up to the minimum
+    with pytest.raises(RegionError, match="too thin to show"):
+        fetch_size(5000, 30, 28 * 28)  # floored to 0 rows within the budget
+
+
+def test_rgba_originals_are_composited_on_white():
+    rgba = Image.new("RGBA", (200, 200), (255, 0, 0, 0))  # fully transparent red
+    ledger = ImageLedger([rgba], [(200, 200)])
+    crop = ledger.crop(Region(0, (50, 50, 150, 150)), BIG)
+    assert crop.image.mode == "RGB" and crop.image.getpixel((10, 10)) == (255, 255, 255)

@@ -22,7 +22,7 @@ def saved(tiny, tmp_path_factory):
     )
     with torch.no_grad():
         logits = model(**inputs).logits
-    torch.save({"inputs": dict(inputs), "logits": logits}, folder / "expected.pt")
+    torch.save({"inputs": {k: v for k, v in inputs.items() if torch.is_tensor(v)}, "logits": logits}, folder / "expected.pt")
     return folder
 
 

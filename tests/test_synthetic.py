@@ -156,7 +156,7 @@ def test_grounding_examples_are_the_start_of_the_replayed_trajectory(demo, tmp_p
         assert all(episode.sampled[episode.prompt_length : episode.prompt_length + len(first_turn)])
         assert tokenizer.decode(first_turn).endswith("</tool><|im_end|>\n")
         assert example.labels == [IGNORE_INDEX] * len(image_span) + first_turn
-        assert torch.equal(example.pixel_values, episode.pixel_rows[0]) and example.grid == list(episode.grids[0])
+        assert torch.equal(example.pixel_values, episode.pixel_rows[0]) and example.grid == episode.grids[0].tolist()
 
 
 def test_grounding_warm_up_trains_the_llm_only(tmp_path):

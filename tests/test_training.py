@@ -2,6 +2,7 @@
 ViLaVT rollouts, LoRA / QLoRA, and checkpoints that reload with trust_remote_code."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -41,13 +42,18 @@ TRAJECTORIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trajectories")
+def write_images(folder):
+    """The images TRAJECTORIES name: a scene with a red frame, and a navy one."""
     scene = Image.new("RGB", (640, 480), "white")
     ImageDraw.Draw(scene).rectangle((400, 300, 460, 350), outline="red", width=4)
     scene.save(folder / "scene.png")
     Image.new("RGB", (300, 500), "navy").save(folder / "navy.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trajectories")
+    write_images(folder)
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TRAJECTORIES))
     return folder
 
@@ -96,7 +102,7 @@ def test_trajectories_replay_through_the_live_loop(tiny, data):
         live = output.episodes[0]
         assert live.trace.answer == row["answer"]
         assert live.ids == episode.ids[: len(live.ids)] and episode.ids[len(live.ids) :] == processor.tokenizer.encode("\n")
-        assert live.grids == episode.grids and live.mapping == episode.mapping
+        assert torch.equal(live.grids, episode.grids) and live.mapping == episode.mapping
         assert all(torch.equal(a, b) for a, b in zip(live.pixel_rows, episode.pixel_rows))
         assert all(torch.equal(a, b) for a, b in zip(live.query_ids, episode.query_ids))
 
@@ -126,7 +132,8 @@ def test_corrupt_jsonl_names_the_line(tmp_path):
 
 
 def test_trainable_parts():
-    from vilavt.train.common import GRPO_TRAINABLE, SFT_TRAINABLE, set_trainable
+    from vilavt.train.common import set_trainable
+    from vilavt.train.config import GRPO_TRAINABLE, SFT_TRAINABLE
 
     model, _ = tiny_vilavt(seed=1)
     sft = set_trainable(model, SFT_TRAINABLE)
@@ -166,6 +173,11 @@ print(type(model).__name__, trace.stop_reason)
     assert out.startswith("ViLaVTForConditionalGeneration")
 
 
+def question(prompt: list[dict]) -> str:
+    """The question of a GRPO prompt (a conversation whose user turn holds image items, then the text)."""
+    return next(item["text"] for item in prompt[-1]["content"] if item.get("type") == "text")
+
+
 @pytest.fixture(scope="module")
 def grpo_run(data, tmp_path_factory):
     """Two GRPO steps, two generations per prompt; the rollouts call the tool (scripted), one of each
@@ -174,10 +186,12 @@ def grpo_run(data, tmp_path_factory):
 
     model, processor = tiny_vilavt(seed=0)
 
-    def scripted(rows):
+    answers = {row["question"]: row["answer"] for row in TRAJECTORIES}
+
+    def scripted(prompts):
         scripts = [
-            [(2, render_tool_call([(0, [0, 0, 56, 56])], "look", "zoom")), (2, answer_text(row["answer"] if i % 2 == 0 else "Z"))]
-            for i, row in enumerate(rows)
+            [(2, render_tool_call([(0, [0, 0, 56, 56])], "look", "zoom")), (2, answer_text(answers[question(p)] if i % 2 == 0 else "Z"))]
+            for i, p in enumerate(prompts)
         ]
         return LogitsProcessorList([ScriptedPolicy(processor.tokenizer, scripts)])
 
@@ -240,7 +254,7 @@ def test_grpo_updates_move_log_probs_with_the_advantage(grpo_run):
         after, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, ids, mask, batch["completion_ids"].size(1)
         )
-    gained = ((after - batch["vilavt_rollout_logps"]) * trained).sum(dim=1)
+    gained = ((after - batch["sampling_per_token_logps"]) * trained).sum(dim=1)
     advantages = batch["advantages"]
     assert (advantages > 0).any() and (advantages < 0).any()
     assert gained[advantages > 0].min() > gained[advantages < 0].max()
@@ -324,3 +338,204 @@ def test_qlora_trains_on_cpu(data, tmp_path):
     trainer.train()
     assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
     assert trainer.state.log_history[0]["loss"] > 0
+
+
+# ---- training data: checked when loaded, both ViLaVT and TRL shapes -------------------------------------------
+
+
+def write_rows(folder, rows, name="rows.jsonl"):
+    path = folder / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def broken(change):
+    row = json.loads(json.dumps(TRAJECTORIES[0]))
+    change(row)
+    return row
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (broken(lambda r: r.update(images="scene.png")), "images: expected a non-empty list of image paths"),
+        (broken(lambda r: r.update(problem_type="essay")), "problem_type: unknown problem_type 'essay'"),
+        (broken(lambda r: r.update(answer=["B"])), 'answer: expected a string or a number, got ["B"]'),
+        (broken(lambda r: r.update(question=None)), "question: expected a string, got NoneType"),
+        (broken(lambda r: r.update(max_pixels=-5)), "max_pixels: expected an integer >= 1, got -5"),
+        (broken(lambda r: r["turns"][0]["regions"][0].update(bbox_norm=[0.1, 0.2, 1.5, 0.9])), "turns[0].regions[0].bbox_norm: values must lie in [0, 1]"),
+        (broken(lambda r: r["turns"][1]["regions"][0].update(bbox_2d=[0, 0, 28])), "turns[1].regions[0].bbox_2d: expected 4 numbers"),
+        (broken(lambda r: r["turns"][1]["regions"][0].pop("index")), "turns[1].regions[0].index: expected an image index >= 0, got null"),
+        (broken(lambda r: r["turns"][0].update(query=7)), "turns[0].query: expected a string, got int"),
+        (broken(lambda r: r["turns"].pop()), "turns[1]: the last turn must give the answer"),
+        (broken(lambda r: r.update(turns="none")), "turns: expected a non-empty list of turn objects"),
+    ],
+)  # fmt: skip
+def test_malformed_trajectories_are_named_when_loaded(tmp_path, row, message):
+    """The line, the trajectory id and the field, when the file is read (not when training reaches the row)."""
+    from vilavt.train.data import load_sft_rows
+
+    path = write_rows(tmp_path, [TRAJECTORIES[1], row])
+    for load in (lambda: load_trajectories(path, require_turns=True), lambda: load_sft_rows(path)):
+        with pytest.raises(TrajectoryError) as caught:
+            load()
+        assert str(caught.value).startswith(f"{path}:2 (trajectory 'two-rounds'): {message}"), str(caught.value)
+
+
+def test_undecodable_and_non_object_lines_are_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(json.dumps(TRAJECTORIES[0]).encode() + b"\n" + "{\"question\": \"caf\u00e9\"}".encode("latin-1") + b"\n")
+    with pytest.raises(TrajectoryError, match=r"rows.jsonl:2: not UTF-8 text \(byte 17\)"):
+        load_trajectories(path)
+    path.write_text(json.dumps(TRAJECTORIES[0]) + "\n[1, 2]\n")
+    with pytest.raises(TrajectoryError, match="rows.jsonl:2: expected a JSON object, got list"):
+        load_trajectories(path)
+
+
+def test_relative_image_paths_resolve_against_the_jsonl_folder(data, tmp_path, monkeypatch):
+    """As documented: not against the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (row,) = load_trajectories(data / "train.jsonl")[:1]
+    assert row["images"] == [str(data / "scene.png")]
+    model, processor = tiny_vilavt(seed=0)
+    batch = TrajectoryCollator(processor, model.config)([row])  # no image_root: the paths are already resolved
+    assert batch["input_ids"].shape[0] == 1
+    other = tmp_path / "images"
+    other.mkdir()
+    (row,) = load_trajectories(data / "train.jsonl", image_root=other)[:1]
+    assert row["images"] == [str(other / "scene.png")]
+
+
+CONVERSATION = {
+    "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the frame?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<think>It is red.</think><answer>red</answer>"}]},
+    ],
+    "images": ["scene.png"],
+}
+
+
+def test_sft_accepts_trl_conversations_with_assistant_only_loss(data, tmp_path):
+    """TRL's conversational format (messages + images) next to trajectories in one file: only the assistant's
+    text, its <|im_end|> and newline, carry labels."""
+    from vilavt.train.data import load_sft_rows
+    from vilavt.train.sft import build_sft_trainer
+
+    path = write_rows(data, [CONVERSATION, TRAJECTORIES[0], dict(CONVERSATION, images=["navy.png"])], "mixed.jsonl")
+    rows = load_sft_rows(path)
+    assert rows[0]["images"] == [str(data / "scene.png")]
+    model, processor = tiny_vilavt(seed=0)
+    batch = TrajectoryCollator(processor, model.config)([rows[0]])
+    labels = batch["labels"][0]
+    trained = processor.tokenizer.decode(labels[labels != -100])
+    assert trained == "<think>It is red.</think><answer>red</answer><|im_end|>\n"
+    assert (batch["input_ids"][0] == processor.image_token_id).sum() > 0
+    config = {**base_config(data, tmp_path / "mixed", max_steps=2, model="tiny:0", learning_rate=1e-3), "train_file": str(path)}
+    trainer = build_sft_trainer(config)
+    trainer.train()
+    assert all(h["loss"] > 0 for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (dict(CONVERSATION, images=[]), "images: 0 images for 1 image items in the messages"),
+        (dict(CONVERSATION, messages=CONVERSATION["messages"] * 2), "messages: expected [system,] user, assistant turns"),
+        ({**CONVERSATION, "messages": [CONVERSATION["messages"][0], {"role": "robot", "content": "hi"}]}, "messages[1]: expected a message with role"),
+    ],
+)  # fmt: skip
+def test_bad_conversations_are_named(tmp_path, row, message):
+    from vilavt.train.data import load_sft_rows
+
+    with pytest.raises(TrajectoryError, match=re.escape(message)):
+        load_sft_rows(write_rows(tmp_path, [CONVERSATION, row]))
+
+
+def test_grpo_accepts_trl_prompt_rows(data):
+    """`prompt` (text, or a conversation with image items) with `image` / `images` and `answer` / `solution`."""
+    from vilavt.train.data import grpo_dataset, load_grpo_rows
+    from vilavt.train.grpo import _with_images
+
+    rows = [
+        {"prompt": "Is the left one brighter?", "images": ["scene.png", "navy.png"], "solution": "yes", "problem_type": "judgment"},
+        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Which?"}, {"type": "image"}]}], "image": "scene.png", "answer": "B"},
+        TRAJECTORIES[0],
+    ]  # fmt: skip
+    loaded = load_grpo_rows(write_rows(data, rows, "grpo.jsonl"))
+    assert [(r["answer"], r["problem_type"]) for r in loaded] == [("yes", "judgment"), ("B", "free text"), ("B", "multiple choice")]
+    first = loaded[0]["prompt"][0]["content"]
+    assert [item.get("image") for item in first] == [str(data / "scene.png"), str(data / "navy.png"), None]
+    assert loaded[1]["prompt"][0]["content"][1] == {"type": "image", "image": str(data / "scene.png")}
+    dataset = grpo_dataset(loaded)  # through Arrow: every item gets every key
+    conversation, originals = _with_images(dataset[1]["prompt"], lambda path: Image.open(path))
+    assert [item["type"] for item in conversation[0]["content"]] == ["text", "image"] and originals[0].size == (640, 480)
+    assert conversation[0]["content"][0] == {"type": "text", "text": "Which?"}
+
+
+def test_a_file_in_neither_shape_names_the_columns(tmp_path):
+    from vilavt.train.data import load_grpo_rows, load_sft_rows
+
+    path = write_rows(tmp_path, [{"text": "hello", "label": 1}])
+    with pytest.raises(TrajectoryError, match=re.escape(f"{path}:1: no SFT data shape fits its columns (label, text); expected trajectory: images, question, problem_type, answer, turns; or conversational: messages, images")):
+        load_sft_rows(path)
+    with pytest.raises(TrajectoryError, match=re.escape("no GRPO data shape fits its columns (label, text); expected question: images, question, answer, problem_type; or TRL prompt: prompt, image(s), answer or solution")):
+        load_grpo_rows(path)
+
+
+# ---- loading models by name -----------------------------------------------------------------------------------
+
+
+def test_a_folder_always_wins_over_a_preset_name(tmp_path, monkeypatch):
+    from vilavt.loading import ModelLoadError, load_model_and_processor
+    from vilavt.train.common import save_checkpoint
+
+    saved, processor = tiny_vilavt(seed=5)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="model 'tiny-zoom': no such folder, and no such preset"):
+        load_model_and_processor("tiny-zoom")
+    for name in ("tiny-zoom", "tiny"):
+        save_checkpoint(saved, processor, tmp_path / name)
+        model, _ = load_model_and_processor(name)  # relative folder names
+        assert torch.equal(model.lm_head.weight, saved.lm_head.weight), name
+    preset, _ = load_model_and_processor("tiny-demo:3")
+    assert preset.config.text_config.hidden_size == 128
+    with pytest.raises(ModelLoadError, match=r"model 'tiny:abc': the seed after ':' must be a non-negative integer, got 'abc'"):
+        load_model_and_processor("tiny:abc")
+
+
+def test_missing_weights_are_refused_unless_allowed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vilavt.loading import ModelLoadError, load_model_and_processor
+    from vilavt.train.common import save_checkpoint
+
+    folder = save_checkpoint(*tiny_vilavt(seed=1), tmp_path / "partial")
+    weights = load_file(f"{folder}/model.safetensors")
+    dropped = sorted(k for k in weights if "layers.1." in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, f"{folder}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"the checkpoint lacks {len(dropped)} weights .* allow_missing_weights=True"):
+        load_model_and_processor(folder)
+    model, _ = load_model_and_processor(folder, allow_missing_weights=True)
+    assert model is not None
+
+
+def test_eight_bit_qlora_is_a_clear_error_on_cpu(tmp_path):
+    from vilavt.loading import ModelLoadError, load_model_and_processor
+
+    with pytest.raises(ModelLoadError, match="8-bit quantization needs a CUDA GPU .* use 4bit on CPU"):
+        load_model_and_processor(tmp_path, quantization="8bit")
+
+
+def test_control_tokens_spelled_in_trajectory_text_are_text(tiny, data):
+    """A thought or question that spells `<|image_pad|>` / `<|im_end|>` trains as text: the sequence holds exactly
+    its images' placeholders and turns, and a forward pass over it runs."""
+    model, processor = tiny
+    row = json.loads(json.dumps(load_trajectories(data / "train.jsonl")[0]))
+    row["question"] += " <|vision_start|><|image_pad|>"
+    row["turns"][0]["thought"] = "see <|image_pad|> and <|im_end|>\n<|im_start|>user\n here"
+    episode = build_episode(row, processor, model.config)
+    ids = processor.tokenizer.convert_tokens_to_ids
+    assert episode.ids.count(ids("<|vision_start|>")) == len(episode.grids)
+    assert episode.ids.count(ids("<|im_start|>")) == 3 + 2 * len(episode.trace.rounds)
+    with torch.no_grad():
+        assert model(**episode.model_inputs()).logits.shape[1] == len(episode.ids)

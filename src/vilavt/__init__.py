@@ -1,8 +1,8 @@
 """ViLaVT for Hugging Face Transformers.
 
-The model classes live in the top-level remote-code files (`configuration_vilavt.py`,
-`processing_vilavt.py`, `modeling_vilavt.py`) that every checkpoint carries; this package re-exports
-them and adds the tooling around the model (tiny models, training, evaluation, CLI).
+The model lives in the top-level remote-code modules (`*_vilavt.py`: configuration, modeling, processing and
+the modules they import) that every checkpoint carries; this package re-exports them as `vilavt.remote_code`
+and adds the tooling around the model (tiny models, training, evaluation, CLI).
 """
 
 from .remote_code.configuration_vilavt import ViLaVTConfig, ViLaVTVisionConfig

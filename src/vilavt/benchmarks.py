@@ -6,11 +6,14 @@ Benchmark files (REFERENCE.md §5.1) are JSON lists (or JSONL files) of items. F
   question             the question text; ERQA's contains literal `<image>` tags
   answer               the gold answer ("B", "A. right", "3.2", "move_right:1,move_forward:2")
   problem_type         multiple choice | numerical | regression | vci (SPAR view change); the rewards'
-                       judgment / free text (and aliases) are accepted too
+                       judgment / math / free text are accepted too (case-insensitive)
   images / image / frames   image paths, relative to the image root (a video = its frames); may be absent
   options              the options of a multiple-choice item, or null when they are inline in the question
   category / original_question_type / task   the first present one is the item's category
   num_images, visual_indices   (ERQA) checked against `images` and the `<image>` tags
+Files must be UTF-8. Field types are checked when the file is loaded (`FIELD_TYPES`: question a non-empty
+string, answer a string or a number, options a list of strings, ...); a wrong one is an error naming the
+file, the item and the field, and `--dry-run` counts the item among its errors.
 
 Questions (REFERENCE.md §2.1, the reference's HF evaluator): for a multiple-choice item with an options
 list, the options are appended, one per line; then the problem type's instruction, on its own line
@@ -23,40 +26,44 @@ shows all images first, each followed by "The index of the provided image is i."
 their order and the k-th tag (0-based) becomes the reference "[image k]" in the text. `visual_indices`,
 when given, are the tags' character offsets in the tag-free question; a mismatch is logged.
 
-Metrics (REFERENCE.md §5.2, `eval/cal_metrics.py`) compare the `<answer>` content (as the reference: the
-whole text of a response without one; in a run, a generation that ends without an answer scores 0):
-  multiple choice   first characters equal, case-insensitive (an empty answer scores 0, no crash);
+Metrics (REFERENCE.md §5.2) score a response as the authors' `eval/cal_metrics.py` does: its first `<answer>`
+content, or else its whole text (in a run, the final assistant turn; see `generate_rows`), against the gold,
+by the exact problem type:
+  multiple choice   first characters equal, case-insensitive (an empty answer scores 0; theirs crashes);
   numerical         both or neither contain "." or ","; the numbers (commas removed) equal when rounded
                     to 2 decimals;
-  regression        MRA over θ ∈ {0.50, …, 0.95} with |p − g| / |g| ≤ 1 − θ (the reward uses <);
+  regression        float32 MRA over θ ∈ {0.50, …, 0.95}: |p − g| / (|g| + 1e-8) ≤ 1 − θ (the reward: <);
   vci               "action:value" lists; for the 5 pairs in `VIEW_CHANGE_PAIRS` the net value
                     (e.g. move_right − move_left), then the mean MRA over the pairs; unparsable → 0;
-  judgment, free text   `vilavt.rewards.score_answer`.
+  other types       (judgment, math, free text) `vilavt.rewards.score_answer` (theirs: 0; `other_types`).
 Each item is asked `avg_k` times (Avg@k: an item's score is its samples' mean). Overall: the mean over
-items; for VSI-Bench and SPAR-Bench the mean of the per-type means (their scripts; VSI-Bench types lose
-their _easy/_medium/_hard suffix; SPAR-Bench types are also grouped into Low / Medium / High).
+items, except VSI-Bench (mean of its 8 table types' means; _easy/_medium/_hard merged) and SPAR-Bench
+(mean of the means of its Low / Medium / High types; levels item-weighted), as their scripts compute them.
 
-Results are JSON lines, one per item and sample: benchmark, id, sample, answer, gold, score, rounds,
-stop_reason, error. A rerun with the same file skips the (id, sample) pairs already done; pairs that
-failed (e.g. a missing image) are tried again. A failed sample scores 0 and stays in the denominator.
+Results are JSON lines, one per item and sample: benchmark, id, sample, answer, response, gold, score,
+rounds, stop_reason, error. A rerun with the same file skips the (id, sample) pairs already done; pairs that
+failed (e.g. a missing image) are tried again. A failed sample scores 0 and stays in the denominator. A line
+an interrupted run left cut short (anywhere, even inside a UTF-8 character) is skipped, and cut off before
+the next append.
 """
 
-import argparse
 import json
 import logging
 import math
 import re
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .arguments import CommandParser, int_at_least, positive_float
+from .errors import InputError
 from .remote_code.processing_vilavt import ImageLoadError, open_image
-from .remote_code.protocol_vilavt import extract_answer
-from .rewards import mean_relative_accuracy, problem_kind, score_answer
+from .rewards import ANSWER_RE, mean_relative_accuracy, problem_kind, score_answer
+from .validation import decode_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ INSTRUCTIONS = {
 # Benchmarks whose questions already carry their answer instruction (the reference's HF evaluator).
 NO_INSTRUCTION_BENCHMARKS = ("erqa",)
 EVAL_PROBLEM_TYPES = ("multiple choice", "numerical", "regression", "vci")
-REWARD_PROBLEM_TYPES = ("judgment", "free text")  # scored by vilavt.rewards.score_answer
+REWARD_PROBLEM_TYPES = ("judgment", "math", "free text")  # scored by vilavt.rewards.score_answer
 
 IMAGE_TAG = "<image>"
 IMAGE_FIELDS = ("images", "image", "frames")
@@ -85,25 +92,33 @@ VIEW_CHANGE_PAIRS = (
     ("rotate_up", "rotate_down"),
 )
 
-# VSI-Bench and SPAR-Bench (by file name): overall = the mean of the per-type means (their reference scripts).
+# VSI-Bench and SPAR-Bench (by file name) get their scripts' tables besides the mean over items.
 VSI_BENCH = re.compile(r"vsi[-_ ]?bench", re.IGNORECASE)
 SPAR_BENCH = re.compile(r"spar[-_ ]?bench", re.IGNORECASE)
 VSI_DIFFICULTY = re.compile(r"_(easy|medium|hard)$")
-# SPAR-Bench's levels, by keyword in the question type; first match wins (distance_infer is High,
-# other distance types Low).
-SPAR_LEVELS = (
-    ("distance_infer", "High"),
-    ("depth", "Low"),
-    ("distance", "Low"),
-    ("position_matching", "Medium"),
-    ("camera_motion", "Medium"),
-    ("view_change", "Medium"),
-    ("spatial_relation", "High"),
-    ("spatial_imagination", "High"),
-)
+# The question types of VSI-Bench's table, in its order (types merged over difficulty); other types are
+# counted but enter neither the table nor its overall.
+VSI_TYPES = (
+    "object_rel_distance", "object_rel_direction", "route_planning", "obj_appearance_order", "object_counting",
+    "object_abs_distance", "object_size_estimation", "room_size_estimation",
+)  # fmt: skip
+# SPAR-Bench's levels (its question types by name); types in none of them (e.g. distance_infer_center_oc,
+# obj_spatial_relation_oc) form the "Other" group, left out of the levels and the overall.
+SPAR_LEVELS = {
+    "Low": (
+        "depth_prediction_oc", "depth_prediction_oo", "distance_prediction_oc", "distance_prediction_oo",
+        "depth_prediction_oc_mv", "depth_prediction_oo_mv", "distance_prediction_oo_mv", "distance_prediction_oc_mv",
+    ),
+    "Medium": ("view_change_infer", "position_matching", "camera_motion_infer"),
+    "High": (
+        "obj_spatial_relation_oo", "obj_spatial_relation_oc_mv", "obj_spatial_relation_oo_mv",
+        "spatial_imagination_oc", "spatial_imagination_oo", "spatial_imagination_oc_mv", "spatial_imagination_oo_mv",
+        "distance_infer_center_oo", "distance_infer_center_oo_mv",
+    ),
+}  # fmt: skip
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """A benchmark or results file, or an item, that cannot be used; the message names the file (and item)."""
 
 
@@ -129,28 +144,25 @@ def benchmark_name(path) -> str:
 
 
 def read_benchmark_records(path) -> list[dict]:
-    """The raw items of a JSON list or JSONL file; malformed JSON is an error with its line and column."""
+    """The raw items of a JSON list or JSONL file; text that is not UTF-8 and malformed JSON are errors naming
+    the file, line and column."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, error=BenchmarkError)
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                records.append(_decode_json(line, path, line_offset=number - 1))
+                records.append(decode_json(line, path, line_offset=number - 1, error=BenchmarkError))
     else:
-        records = _decode_json(text, path)
-    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question)")
+        records = decode_json(text, path, error=BenchmarkError)
+    if not isinstance(records, list):
+        kind = type(records).__name__
+        raise BenchmarkError(f"{path}: expected a JSON list of objects (one per question), got {kind}")
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise BenchmarkError(f"{path}: item {position} is {kind}, not an object (one per question)")
     return records
-
-
-def _decode_json(text: str, path: Path, line_offset: int = 0):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BenchmarkError(
-            f"{path}: invalid JSON at line {err.lineno + line_offset}, column {err.colno}: {err.msg}"
-        ) from None
 
 
 def canonical_problem_type(value) -> str:
@@ -202,21 +214,65 @@ def image_tag_offsets(question: str) -> list[int]:
     return [len("".join(parts[: k + 1])) for k in range(len(parts) - 1)]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_paths(value) -> bool:
+    return _is_path(value) or (isinstance(value, list) and all(_is_path(path) for path in value))
+
+
+# What each field must be when it is present and not null (a bool is never a number here; of alternative
+# fields, the one used). A wrong type is an error at load time: `answer: ["A"]` would otherwise be scored as
+# the text "['A']".
+FIELD_TYPES = {
+    "question_id": ("a string or an integer", lambda v: isinstance(v, str) or _is_int(v)),
+    "question": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+    "answer": (
+        "a non-empty string or a finite number",
+        lambda v: (isinstance(v, str) and bool(v.strip())) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               and math.isfinite(v)),
+    ),
+    "problem_type": ("a string", lambda v: isinstance(v, str)),
+    "options": ("a list of strings or null", lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v)),
+    "num_images": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "visual_indices": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(i) for i in v)),
+    IMAGE_FIELDS: ("a path or a list of paths (non-empty strings)", _is_paths),
+    CATEGORY_FIELDS: ("a string or an integer", lambda v: isinstance(v, str) or _is_int(v)),
+}  # fmt: skip
+
+
+def used_field(record: dict, fields: tuple[str, ...]) -> str | None:
+    """Of alternative fields (`IMAGE_FIELDS`, `CATEGORY_FIELDS`), the first one given: the one used (another
+    schema may use the others for something else, e.g. a trajectory's `frames`)."""
+    return next((field for field in fields if record.get(field) not in (None, "")), None)
+
+
+def check_field_types(record: dict) -> None:
+    """A ValueError naming the first field whose value has the wrong type (see `FIELD_TYPES`)."""
+    for field, (expected, valid) in FIELD_TYPES.items():
+        field = used_field(record, field) if isinstance(field, tuple) else field
+        value = None if field is None else record.get(field)
+        if value is not None and not valid(value):
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"`{field}` must be {expected}, got {type(value).__name__} {shown}")
+
+
 def image_paths(record: dict) -> list[str]:
-    for field in IMAGE_FIELDS:
-        value = record.get(field)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(path, str) for path in value):
-            return list(value)
-        raise ValueError(f"`{field}` must be a path or a list of paths, got {type(value).__name__}")
-    return []
+    """The item's image paths: the first of `images`, `image`, `frames` that is given (types checked)."""
+    field = used_field(record, IMAGE_FIELDS)
+    value = [] if field is None else record[field]
+    return [value] if isinstance(value, str) else list(value)
 
 
 def category_of(record: dict, benchmark: str) -> str:
-    category = next((str(record[f]) for f in CATEGORY_FIELDS if record.get(f) not in (None, "")), "all")
+    field = used_field(record, CATEGORY_FIELDS)
+    category = "all" if field is None else str(record[field])
     if VSI_BENCH.search(benchmark):
         category = VSI_DIFFICULTY.sub("", category)  # VSI-Bench scores easy/medium/hard of a type together
     return category
@@ -224,13 +280,11 @@ def category_of(record: dict, benchmark: str) -> str:
 
 def parse_item(record: dict, benchmark: str, position: int) -> Item:
     """One raw item as an `Item`; a ValueError says what is wrong (the caller adds file and id)."""
-    question = record.get("question")
-    if not isinstance(question, str):
-        raise ValueError("has no `question` text")
-    if record.get("answer") is None:
-        raise ValueError("has no `answer`")
-    if record.get("problem_type") is None:
-        raise ValueError("has no `problem_type`")
+    for field in ("question", "answer", "problem_type"):
+        if record.get(field) is None:
+            raise ValueError(f"has no `{field}`")
+    check_field_types(record)
+    question = record["question"]
     kind = canonical_problem_type(record["problem_type"])
     images = image_paths(record)
     if record.get("num_images") is not None and record["num_images"] != len(images):
@@ -248,8 +302,6 @@ def parse_item(record: dict, benchmark: str, position: int) -> Item:
             )
         question = replace_image_tags(question)
     options = record.get("options")
-    if options is not None and not isinstance(options, list):
-        raise ValueError(f"`options` must be a list or null, got {type(options).__name__}")
     return Item(
         id=str(position if record.get("question_id") is None else record["question_id"]),
         benchmark=benchmark,
@@ -293,30 +345,34 @@ def make_ids_unique(items: list[Item]) -> list[Item]:
 # ---- metrics ----------------------------------------------------------------------------------------
 
 
-def answer_content(text) -> str | None:
-    """The `<answer>` content of a response, or the whole (stripped) text without one."""
+def answer_content(text) -> str:
+    """What the authors' metric compares: the first `<answer>` content of a response (stripped), or the whole
+    response as it is; no response is the empty string."""
     if text is None:
-        return None
+        return ""
     text = str(text)
-    content = extract_answer(text)
-    return content if content is not None else text.strip()
+    match = ANSWER_RE.search(text)
+    return match.group(1).strip() if match else text
 
 
 def to_number(text: str) -> float | None:
-    """The whole text as a number (commas dropped), or None."""
+    """`float()` of the text without commas ("inf" and "nan" parse too), or None."""
     try:
-        value = float(text.strip().replace(",", ""))
+        return float(text.replace(",", ""))
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
 
 
 def score_multiple_choice(prediction: str, gold: str) -> float:
+    """First characters of the stripped texts equal, case-insensitive; an empty answer scores 0 (the
+    authors' script raises IndexError there and loses the whole run)."""
     prediction, gold = prediction.strip(), gold.strip()
     return float(bool(prediction) and bool(gold) and prediction[0].lower() == gold[0].lower())
 
 
 def score_numerical(prediction: str, gold: str) -> float:
+    """Both or neither contain "." or ","; then the numbers equal after rounding to 2 decimals."""
+
     def has_separator(text: str) -> bool:
         return "." in text or "," in text
 
@@ -329,6 +385,7 @@ def score_numerical(prediction: str, gold: str) -> float:
 
 
 def score_regression(prediction: str, gold: str) -> float:
+    """Float32 MRA with the evaluation's inclusive `<=`."""
     value, gold_value = to_number(prediction), to_number(gold)
     if value is None or gold_value is None:
         return 0.0
@@ -336,31 +393,34 @@ def score_regression(prediction: str, gold: str) -> float:
 
 
 def parse_view_change(text: str) -> dict[str, float]:
-    """"move_right:1,rotate_left:30" → {"move_right": 1.0, "rotate_left": 30.0}; a ValueError if malformed."""
+    """"move_right:1,rotate_left:30" → {"move_right": 1.0, "rotate_left": 30.0}, as the authors parse it:
+    pairs split at "," then at ":" (exactly one colon each), keys exactly as written (case and spaces
+    count), values by `float()`; a ValueError if malformed."""
     actions = {}
     for part in text.split(","):
-        name, colon, value = part.partition(":")
-        if not colon:
+        pieces = part.split(":")
+        if len(pieces) != 2:
             raise ValueError(f"not an action:value pair: {part!r}")
-        actions[name.strip().lower()] = float(value)
+        actions[pieces[0]] = float(pieces[1])
     return actions
 
 
 def score_view_change(prediction: str, gold: str) -> float:
-    """Mean MRA of the net value of each action pair (SPAR-Bench view change)."""
+    """Mean of the five pairs' MRA (inclusive) of the net values (e.g. move_right − move_left; an action
+    not given counts 0); unparsable → 0."""
     try:
         predicted, expected = parse_view_change(prediction), parse_view_change(gold)
     except ValueError:
         return 0.0
 
     def net(actions, positive, negative):
-        return actions.get(positive, 0.0) - actions.get(negative, 0.0)
+        return actions.get(positive, 0) - actions.get(negative, 0)
 
     scores = [
         mean_relative_accuracy(net(predicted, *pair), net(expected, *pair), inclusive=True)
         for pair in VIEW_CHANGE_PAIRS
     ]
-    return sum(scores) / len(scores)
+    return float(np.mean(scores))
 
 
 EVAL_METRICS = {
@@ -371,13 +431,23 @@ EVAL_METRICS = {
 }
 
 
-def score_benchmark_answer(prediction: str | None, gold, problem_type: str) -> float:
-    """Score a response (or its extracted answer) against the gold answer with the evaluation metric of
-    `problem_type`; no answer scores 0; an unknown problem type is a ValueError naming it."""
-    kind = canonical_problem_type(problem_type)
-    prediction, gold = answer_content(prediction), answer_content(gold)
-    if not prediction or gold is None:
+def score_benchmark_answer(response, gold, problem_type: str, *, other_types: str = "reward") -> float:
+    """Score a response (the model's final text, or a bare answer) against the gold answer as the authors'
+    evaluation script does: both go through `answer_content`, and `problem_type` picks the metric by its
+    exact name (multiple choice, numerical, regression, vci).
+
+    `other_types`: "reward" (default) scores any other type the rewards know (judgment, math, free text;
+    a differently spelled metric type such as "Multiple Choice" gets that metric) with
+    `vilavt.rewards.score_answer`, and an unknown type is a ValueError naming it; "zero" scores every
+    other type 0, as the authors' script."""
+    if other_types not in ("reward", "zero"):
+        raise ValueError(f"other_types must be 'reward' or 'zero', got {other_types!r}")
+    prediction, gold = answer_content(response), answer_content(gold)
+    if problem_type in EVAL_METRICS:
+        return EVAL_METRICS[problem_type](prediction, gold)
+    if other_types == "zero":
         return 0.0
+    kind = canonical_problem_type(problem_type)
     if kind in EVAL_METRICS:
         return EVAL_METRICS[kind](prediction, gold)
     return score_answer(prediction, gold, kind)
@@ -396,40 +466,83 @@ def item_scores(items: list[Item], records: dict, avg_k: int = 1) -> dict[str, f
     return scores
 
 
-def uses_category_mean(benchmark: str) -> bool:
-    return bool(VSI_BENCH.search(benchmark) or SPAR_BENCH.search(benchmark))
+def mean(values) -> float | None:
+    """The mean as numpy computes it (the authors' evaluation script, over all items), None for no values."""
+    values = list(values)
+    return float(np.mean(values)) if values else None
 
 
-def spar_level(category: str) -> str | None:
-    return next((level for keyword, level in SPAR_LEVELS if keyword in category.lower()), None)
+def table_mean(values) -> float | None:
+    """The mean as the authors' VSI / SPAR table scripts compute it (a running sum, then one division)."""
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _by_type(scored: list[tuple[str, float]]) -> dict[str, list[float]]:
+    grouped: dict[str, list[float]] = {}
+    for name, score in scored:
+        grouped.setdefault(name, []).append(score)
+    return grouped
+
+
+def vsi_table(scored: list[tuple[str, float]]) -> dict:
+    """VSI-Bench's table from (question type, score) pairs in item order: the mean of each listed type
+    (difficulties merged by `category_of`), the overall as the unweighted mean of those type means, the
+    count over all items; other types are named in `left_out`."""
+    grouped = _by_type(scored)
+    types = {name: {"score": table_mean(grouped[name]), "count": len(grouped[name])} for name in VSI_TYPES
+             if name in grouped}  # fmt: skip
+    return {
+        "types": types,
+        "overall": table_mean([entry["score"] for entry in types.values()]),
+        "count": len(scored),
+        "left_out": sorted(name for name in grouped if name not in VSI_TYPES),
+    }
+
+
+def spar_table(scored: list[tuple[str, float]]) -> dict:
+    """SPAR-Bench's table from (question type, score) pairs in item order: per level the mean over its items
+    (item-weighted) and its types' means; the overall as the unweighted mean of the level types' means; types
+    of no level form `other`."""
+    grouped = _by_type(scored)
+    levels, type_means = {}, []
+    for level, names in SPAR_LEVELS.items():
+        values = [score for name, score in scored if name in names]
+        if not values:
+            continue
+        types = {name: {"score": table_mean(grouped[name]), "count": len(grouped[name])}
+                 for name in sorted(set(names) & set(grouped))}  # by name, as the script groups them  # fmt: skip
+        levels[level] = {"score": table_mean(values), "count": len(values), "types": types}
+        type_means += [entry["score"] for entry in types.values()]
+    known = {name for names in SPAR_LEVELS.values() for name in names}
+    other = sorted(name for name in grouped if name not in known)
+    return {
+        "levels": levels,
+        "overall": table_mean(type_means),
+        "count": sum(entry["count"] for entry in levels.values()),
+        "other": {"count": sum(len(grouped[name]) for name in other), "types": other},
+    }
 
 
 def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
-    """Accuracy overall and per category from the records of `items` ((id, sample) → record)."""
+    """Accuracy overall and per category from the records of `items` ((id, sample) → record).
+
+    `accuracy` is the benchmark's headline number: VSI-Bench's and SPAR-Bench's table overall (see
+    `vsi_table`, `spar_table`, also under `vsi` / `spar`), else the mean over items (`mean`, which the
+    authors' script prints for every benchmark)."""
     benchmark = items[0].benchmark if items else ""
     scores = item_scores(items, records, avg_k)
-    by_category: dict[str, list[float]] = {}
-    for item in items:
-        if item.id in scores:
-            by_category.setdefault(item.category, []).append(scores[item.id])
-    categories = {
-        name: {"accuracy": statistics.fmean(values), "items": len(values)}
-        for name, values in sorted(by_category.items())
-    }
-    category_mean = uses_category_mean(benchmark)
-    if not scores:
-        overall = None
-    elif category_mean:
-        overall = statistics.fmean(c["accuracy"] for c in categories.values())
-    else:
-        overall = statistics.fmean(scores.values())
+    scored = [(item.category, scores[item.id]) for item in items if item.id in scores]
+    by_category = sorted(_by_type(scored).items())
+    categories = {name: {"accuracy": table_mean(values), "items": len(values)} for name, values in by_category}
     pairs = [records[(item.id, s)] for item in items for s in range(avg_k) if (item.id, s) in records]
     failed = [r for r in pairs if r.get("error")]
     done = [r for r in pairs if not r.get("error")]
     summary = {
         "benchmark": benchmark,
-        "accuracy": overall,
-        "overall": "mean of category means" if category_mean else "mean over items",
+        "accuracy": mean(scores.values()),
+        "overall": "mean over items",
+        "mean": mean(scores.values()),
         "avg_k": avg_k,
         "items": len(items),
         "items_scored": len(scores),
@@ -441,21 +554,21 @@ def summarize(items: list[Item], records: dict, avg_k: int = 1) -> dict:
         "categories": categories,
         "error_items": [{"id": r["id"], "sample": r["sample"], "error": r["error"]} for r in failed],
     }
-    if SPAR_BENCH.search(benchmark):
-        summary["levels"] = spar_levels(categories)
+    if VSI_BENCH.search(benchmark):
+        summary["vsi"] = vsi_table(scored)
+        summary["accuracy"], summary["overall"] = summary["vsi"]["overall"], "mean of the VSI-Bench type means"
+        if summary["vsi"]["left_out"]:
+            logger.warning("VSI-Bench types outside its table (left out of the overall): %s",
+                           summary["vsi"]["left_out"])  # fmt: skip
+    elif SPAR_BENCH.search(benchmark):
+        summary["spar"] = spar_table(scored)
+        summary["levels"] = {level: entry["score"] for level, entry in summary["spar"]["levels"].items()}
+        summary["accuracy"] = summary["spar"]["overall"]
+        summary["overall"] = "mean of the SPAR-Bench level types' means"
+        if summary["spar"]["other"]["types"]:
+            logger.warning("SPAR-Bench types in no level (left out of the levels and the overall): %s",
+                           summary["spar"]["other"]["types"])  # fmt: skip
     return summary
-
-
-def spar_levels(categories: dict) -> dict:
-    """SPAR-Bench Low / Medium / High: the mean of their types' means."""
-    grouped: dict[str, list[float]] = {}
-    for name, entry in categories.items():
-        level = spar_level(name)
-        if level is None:
-            logger.warning("SPAR-Bench type %r belongs to no level; left out of the levels", name)
-            continue
-        grouped.setdefault(level, []).append(entry["accuracy"])
-    return {level: statistics.fmean(grouped[level]) for level in ("Low", "Medium", "High") if level in grouped}
 
 
 def format_table(summary: dict) -> str:
@@ -465,9 +578,12 @@ def format_table(summary: dict) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
     rows = [(name, str(entry["items"]), percent(entry["accuracy"])) for name, entry in summary["categories"].items()]
-    rows += [(f"level {name}", "", percent(value)) for name, value in summary.get("levels", {}).items()]
-    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(summary["items_scored"]),
-                 percent(summary["accuracy"])))
+    levels = summary.get("spar", {}).get("levels", {})
+    rows += [(f"level {name}", str(entry["count"]), percent(entry["score"])) for name, entry in levels.items()]
+    if summary["overall"] != "mean over items":
+        rows.append(("mean over items", str(summary["items_scored"]), percent(summary["mean"])))
+    counted = summary.get("spar", {}).get("count", summary["items_scored"])  # SPAR's overall leaves "Other" out
+    rows.append((f"overall ({summary['overall']}, Avg@{summary['avg_k']})", str(counted), percent(summary["accuracy"])))
     width = max(len(row[0]) for row in rows + [("category",)])
     lines = [f"{'category':<{width}}  {'items':>6}  {'acc %':>7}"]
     lines += [f"{name:<{width}}  {count:>6}  {value:>7}" for name, count, value in rows]
@@ -479,47 +595,83 @@ def format_table(summary: dict) -> str:
 # ---- results files ----------------------------------------------------------------------------------
 
 
-def read_results(path, benchmark: str) -> dict:
-    """(id, sample) → the latest record in a results file (none if it does not exist). A line cut short by
-    an interrupted run is skipped with a warning; records of another benchmark are an error."""
+def parse_result_line(line: bytes) -> dict | None:
+    """A results line as its record, or None when it cannot be one: not UTF-8 (e.g. cut inside a multi-byte
+    character), not a JSON object, or no id, integer sample and numeric score."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
+        return None
+    number = (int, float)
+    if not isinstance(record.get("sample"), int) or not isinstance(record.get("score"), number):
+        return None
+    if isinstance(record["sample"], bool) or isinstance(record["score"], bool):
+        return None
+    return record
+
+
+def read_results(path, benchmark: str, warn: bool = True) -> dict:
+    """(id, sample) → the latest record in a results file (none if it does not exist). A line that is not a
+    record (an interrupted write, cut anywhere, even inside a character) is skipped, with a warning if `warn`;
+    records of another benchmark are an error."""
     path = Path(path)
     records = {}
     if not path.exists():
         return records
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                key = (str(record["id"]), int(record["sample"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        record = parse_result_line(line)
+        if record is None:
+            if warn:
                 logger.warning("%s:%d: unreadable result line skipped (an interrupted write?)", path, number)
-                continue
-            if record.get("benchmark") != benchmark:
-                raise BenchmarkError(
-                    f"{path}:{number}: results of benchmark {record.get('benchmark')!r}, not {benchmark!r}; "
-                    "use another --out file"
-                )
-            records[key] = record
+            continue
+        if record.get("benchmark") != benchmark:
+            raise BenchmarkError(
+                f"{path}:{number}: results of benchmark {record.get('benchmark')!r}, not {benchmark!r}; "
+                "use another --out file"
+            )
+        records[(str(record["id"]), record["sample"])] = record
     return records
 
 
+def repair_last_line(path) -> None:
+    """Before appending to a results file: a last line without its newline is completed when it is a whole
+    record, and cut off when it is not (a write interrupted mid-line; its pair is redone)."""
+    with open(path, "r+b") as results:
+        size = results.seek(0, 2)
+        if size == 0:
+            return
+        results.seek(size - 1)
+        if results.read(1) == b"\n":
+            return
+        results.seek(0)
+        data = results.read()
+        start = data.rfind(b"\n") + 1
+        if parse_result_line(data[start:]) is not None:
+            results.write(b"\n")
+        else:
+            logger.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run", path,
+                           size - start)  # fmt: skip
+            results.truncate(start)
+
+
 def append_results(path, records: list[dict]) -> None:
-    """Append records as JSON lines (after completing a line an interrupted run left unterminated)."""
+    """Append records as JSON lines (after repairing a last line an interrupted run left unterminated)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "a", encoding="utf-8") as out:
-        if needs_newline:
-            out.write("\n")
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if path.exists():
+        repair_last_line(path)
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    with open(path, "ab") as out:  # a lone surrogate (only those fail to encode) becomes its JSON escape \udXXX
+        out.write(lines.encode("utf-8", "backslashreplace"))
 
 
 def result_record(item: Item, sample: int, **fields) -> dict:
-    record = dict(benchmark=item.benchmark, id=item.id, sample=sample, answer=None, gold=item.answer, score=0.0,
-                  rounds=0, stop_reason=None, error=None)
+    record = dict(benchmark=item.benchmark, id=item.id, sample=sample, answer=None, response=None, gold=item.answer,
+                  score=0.0, rounds=0, stop_reason=None, error=None)
     record.update(fields)
     return record
 
@@ -543,9 +695,20 @@ def conversation_for(item: Item, originals: list) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+PREDICTIONS = ("response", "answer")
+
+
 def generate_rows(model, processor, rows: list[tuple[Item, int, list]], max_rounds: int, max_pixels=None,
-                  **generate_kwargs) -> list[dict]:
-    """One batched generation for `rows` of (item, sample, original images); one record per row."""
+                  prediction: str = "response", **generate_kwargs) -> list[dict]:
+    """One batched generation for `rows` of (item, sample, original images); one record per row.
+
+    `prediction`: what the metric scores — "response" (default): the final assistant turn's text, from
+    which the metric takes the `<answer>` content or else the whole text, as the authors' evaluation
+    scores the responses their vLLM evaluator stores; "answer": the extracted answer (first `<answer>`,
+    `\\boxed{}` unwrapped; none scores 0), like their HF evaluator's stored responses. Records keep both
+    (`answer`, `response`)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     inputs = processor.apply_chat_template(
         [conversation_for(item, originals) for item, _, originals in rows],
         add_generation_prompt=True,
@@ -566,14 +729,15 @@ def generate_rows(model, processor, rows: list[tuple[Item, int, list]], max_roun
         )
     records = []
     for (item, sample, _), trace in zip(rows, output.traces):
-        score = score_benchmark_answer(trace.answer, item.answer, item.problem_type)
-        records.append(result_record(item, sample, answer=trace.answer, score=score, rounds=len(trace.rounds),
-                                     stop_reason=trace.stop_reason))
+        scored = trace.final_turn if prediction == "response" else trace.answer
+        score = score_benchmark_answer(scored, item.answer, item.problem_type)
+        records.append(result_record(item, sample, answer=trace.answer, response=trace.final_turn, score=score,
+                                     rounds=len(trace.rounds), stop_reason=trace.stop_reason))
     return records
 
 
 def evaluate_batch(model, processor, batch: list[tuple[Item, int]], image_root, max_rounds: int, max_pixels=None,
-                   **generate_kwargs) -> list[dict]:
+                   prediction: str = "response", **generate_kwargs) -> list[dict]:
     """Records for a batch of (item, sample): items whose images cannot be loaded are recorded as errors,
     the others are generated together."""
     failed, rows, loaded = [], [], {}
@@ -589,7 +753,9 @@ def evaluate_batch(model, processor, batch: list[tuple[Item, int]], image_root, 
             failed.append(result_record(item, sample, error=str(originals)))
         else:
             rows.append((item, sample, originals))
-    generated = generate_rows(model, processor, rows, max_rounds, max_pixels, **generate_kwargs) if rows else []
+    generated = (
+        generate_rows(model, processor, rows, max_rounds, max_pixels, prediction, **generate_kwargs) if rows else []
+    )
     return failed + generated
 
 
@@ -619,6 +785,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     do_sample: bool | None = None,
     max_pixels: int | None = None,
+    prediction: str = "response",
     **generate_kwargs,
 ) -> dict:
     """Evaluate `model` on a benchmark file through its chatting loop; returns `summarize(...)`.
@@ -632,6 +799,7 @@ def run_eval(
         out_path: JSONL results file, appended after every batch; pairs already done there are skipped.
         max_new_tokens, do_sample, generate_kwargs: passed to `model.generate` (e.g. temperature).
         max_pixels: the originals' shared pixel budget (default: the processor's).
+        prediction: what the metric scores, "response" or "answer" (see `generate_rows`).
     """
     if batch_size < 1 or avg_k < 1:
         raise ValueError(f"batch_size and avg_k must be at least 1, got {batch_size} and {avg_k}")
@@ -651,7 +819,7 @@ def run_eval(
     with tqdm(total=len(pending), desc=benchmark_name(benchmark_path), unit="answer", disable=not progress) as bar:
         for start in range(0, len(pending), batch_size):
             batch = evaluate_batch(model, processor, pending[start : start + batch_size], image_root, max_rounds,
-                                   max_pixels, **generate_kwargs)
+                                   max_pixels, prediction, **generate_kwargs)
             if out_path:
                 append_results(out_path, batch)
             records.update(((r["id"], r["sample"]), r) for r in batch)
@@ -693,52 +861,52 @@ def default_out_path(benchmark_path, model: str) -> Path:
     return Path(f"{benchmark_name(benchmark_path)}.{tag}.results.jsonl")
 
 
-def eval_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
+def eval_argument_parser() -> CommandParser:
+    parser = CommandParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
     parser.add_argument("--benchmark", required=True, help="benchmark JSON (or JSONL) file")
     parser.add_argument("--image-root", required=True, help="folder the benchmark's image paths are relative to")
     parser.add_argument("--model", help="checkpoint folder, or tiny / tiny:SEED (required unless --dry-run)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--max-rounds", type=int, default=5, help="tool calls allowed per answer")
-    parser.add_argument("--avg-k", type=int, default=1, help="samples per item (Avg@k; sampling when k > 1)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N items")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1)
+    parser.add_argument("--max-rounds", type=int_at_least(0), default=5, help="tool calls allowed per answer")
+    parser.add_argument("--avg-k", type=int_at_least(1), default=1,
+                        help="samples per item (Avg@k; sampling when k > 1)")  # fmt: skip
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N items")
     parser.add_argument("--out", default=None, help="results JSONL (resumable; default BENCHMARK.MODEL.results.jsonl)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="all new tokens of one answer")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    parser.add_argument("--max-pixels", type=int, default=None, help="pixel budget the original images share")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="all new tokens of one answer")
+    parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
+    parser.add_argument("--max-pixels", type=int_at_least(1), default=None,
+                        help="pixel budget the original images share")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
     parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
-                        help="vllm: the chatting loop on a vLLM engine (vilavt.vllm)")
+                        help="vllm: the chatting loop on a vLLM engine (vilavt.vllm)")  # fmt: skip
     return parser
 
 
 def eval_main(argv: list[str]) -> int:
     """`vilavt eval`: prints the per-category table, then the JSON summary as the last line (with
-    --dry-run, only the dry-run JSON)."""
+    --dry-run, only the dry-run JSON). Bad input raises (`vilavt.cli.main` shows it as one line)."""
     parser = eval_argument_parser()
     args = parser.parse_args(argv)
     if not args.dry_run and not args.model:
         parser.error("--model is required (or use --dry-run)")
-    try:
-        if args.dry_run:
-            print(json.dumps(dry_run(args.benchmark, args.image_root)))
-            return 0
-        load_benchmark(args.benchmark)  # a broken file fails before the model loads
-        from .demo import load
+    if args.dry_run:
+        print(json.dumps(dry_run(args.benchmark, args.image_root)))
+        return 0
+    out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
+    # A broken results or benchmark file fails before the model loads (run_eval reads them again, and warns).
+    read_results(out, benchmark_name(args.benchmark), warn=False)
+    load_benchmark(args.benchmark)
+    from .demo import load
 
-        model, processor = load(args.model, args.backend)
-        out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
-        generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
-        summary = run_eval(
-            args.benchmark, args.image_root, model, processor,
-            batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
-            out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
-            max_pixels=args.max_pixels, **generate_kwargs,
-        )
-    except (BenchmarkError, FileNotFoundError) as err:
-        print(f"vilavt eval: error: {err}", file=sys.stderr)
-        return 2
+    model, processor = load(args.model, args.backend)
+    generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
+    summary = run_eval(
+        args.benchmark, args.image_root, model, processor,
+        batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
+        out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
+        max_pixels=args.max_pixels, **generate_kwargs,
+    )  # fmt: skip
     print(format_table(summary))
     print(f"results: {out}")
     print(json.dumps(summary, ensure_ascii=False))

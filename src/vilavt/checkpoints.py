@@ -21,8 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import errors_named
 from .remote_code import modeling_vilavt
 from .remote_code.configuration_vilavt import ViLaVTConfig
+from .remote_code.prompts_vilavt import PROMPTS_FILE
+from .validation import check_model_folder, check_weight_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +108,17 @@ def expected_keys(config: ViLaVTConfig) -> set[str]:
     return keys
 
 
-def copy_remote_code(folder: Path) -> None:
-    """The remote-code modules a checkpoint carries (the package's own files, never copies of them in git)."""
+def remote_code_files() -> list[Path]:
+    """The remote-code modules a checkpoint carries: `modeling_vilavt.py` and every module it imports
+    relatively (the package's own files, never copies of them in git)."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
     modeling = Path(modeling_vilavt.__file__)
-    for path in [modeling, *map(Path, get_relative_import_files(str(modeling)))]:
+    return sorted([modeling, *map(Path, get_relative_import_files(str(modeling)))])
+
+
+def copy_remote_code(folder: Path) -> None:
+    for path in remote_code_files():
         shutil.copy(path, Path(folder) / path.name)
 
 
@@ -150,18 +158,20 @@ def init_from_base(
     from .remote_code.processing_vilavt import ViLaVTProcessor
 
     base, encoder, out = Path(base), Path(encoder), Path(out)
+    # Inputs are checked before anything is written (one-line errors naming the file).
+    base_config = check_model_folder(base, "Qwen2.5-VL folder", tokenizer=True)
+    encoder_config = check_model_folder(encoder, "Qwen3 encoder folder", tokenizer=True)
     out.mkdir(parents=True, exist_ok=True)
-    base_config = json.loads((base / "config.json").read_text())
-    encoder_config = json.loads((encoder / "config.json").read_text())
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         base_config.pop(key, None)
         encoder_config.pop(key, None)
     vision = dict(base_config.pop("vision_config", {}))
     vision.pop("model_type", None)
     vision.update(integration_point=integration_point, fullatt_block_indexes=list(fullatt_block_indexes))
-    config = ViLaVTConfig(
-        **base_config, vision_config=vision, text_encoder_config=encoder_config, max_query_length=max_query_length
-    )
+    with errors_named(f"{base / 'config.json'} with {encoder / 'config.json'}: invalid config"):
+        config = ViLaVTConfig(
+            **base_config, vision_config=vision, text_encoder_config=encoder_config, max_query_length=max_query_length
+        )
     config.architectures = ["ViLaVTForConditionalGeneration"]
     if dtype:
         config.dtype = getattr(torch, dtype)
@@ -222,12 +232,14 @@ def derived_query_tokenizer(tokenizer, max_length: int = 50):
     return query
 
 
-def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
+def convert_official(src, dst, tokenizer=None, query_tokenizer=None, prompts=None) -> Path:
     """Convert an official ViLaVT checkpoint folder into a plug-in folder, shard by shard.
 
     `tokenizer` / `query_tokenizer`: folders to take them from when `src` has none (the official folders
     carry the Qwen2.5-VL tokenizer but not the Qwen3-Embedding one; without `query_tokenizer` it is
-    derived from the main tokenizer, which shares its vocabulary).
+    derived from the main tokenizer, which shares its vocabulary). `prompts`: the prompt templates the
+    folder carries (`vilavt.prompts.import_authors_prompts`: the wording the released model was trained
+    on); default: the project's own wording.
     """
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -235,9 +247,11 @@ def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
     from .remote_code.processing_vilavt import ViLaVTProcessor
 
     src, dst = Path(src), Path(dst)
-    raw = json.loads((src / "config.json").read_text())
+    raw = check_model_folder(src, "checkpoint folder")  # before anything is written: one-line errors naming the file
     raw.pop("auto_map", None)
-    config = ViLaVTConfig(**raw)
+    with errors_named(f"{src / 'config.json'}: invalid config"):
+        config = ViLaVTConfig(**raw)
+    check_weight_shapes(src, config)
     config.architectures = ["ViLaVTForConditionalGeneration"]
     dst.mkdir(parents=True, exist_ok=True)
     expected, seen = expected_keys(config), set()
@@ -268,6 +282,8 @@ def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
     if (src / "generation_config.json").exists():
         shutil.copy(src / "generation_config.json", dst / "generation_config.json")
 
+    if prompts is not None:  # with no processor below, a processor added later reads them
+        prompts.save(dst / PROMPTS_FILE)
     tokenizer_source = Path(tokenizer) if tokenizer else src
     if not (tokenizer_source / "tokenizer_config.json").exists():
         logger.warning("no tokenizer in %s: the folder has weights and config but no processor", tokenizer_source)
@@ -286,6 +302,8 @@ def convert_official(src, dst, tokenizer=None, query_tokenizer=None) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=preprocessor.get("min_pixels", 4 * 28 * 28), max_pixels=preprocessor.get("max_pixels", 8192 * 28 * 28)
     )
-    processor = ViLaVTProcessor(image_processor, main_tokenizer, queries, max_query_length=config.max_query_length)
+    processor = ViLaVTProcessor(
+        image_processor, main_tokenizer, queries, max_query_length=config.max_query_length, prompt_templates=prompts
+    )
     processor.save_pretrained(dst)
     return dst

@@ -49,14 +49,18 @@ def shipped_checkpoint() -> Path:
 def load(model: str | None = None, backend: str = "transformers"):
     """(model, processor): a checkpoint folder or hub id, `tiny[:SEED]`, or by default the shipped checkpoint.
     `backend="vllm"`: the model is a `vilavt.vllm.api.ViLaVTVLLM` (same `generate` / `chat`) on a vLLM engine."""
+    from .loading import load_model_and_processor
+    from .validation import loading_model
+
+    name = str(model or shipped_checkpoint())
     if backend == "vllm":
-        from .vllm.api import ViLaVTVLLM
+        from .vllm.api import ViLaVTVLLM  # raises VLLMBackendError (one line) without a usable vLLM
 
-        engine = ViLaVTVLLM.load(str(model or shipped_checkpoint()))
+        with loading_model(name):
+            engine = ViLaVTVLLM.load(name)
         return engine, engine.processor
-    from .train.common import load_model_and_processor
-
-    model, processor = load_model_and_processor(str(model or shipped_checkpoint()))
+    with loading_model(name):  # a corrupt checkpoint is one clear error, before anything loads
+        model, processor = load_model_and_processor(name)
     return model.eval(), processor
 
 
@@ -106,11 +110,12 @@ def synth_eval(
     batch_size: int = 16,
     data_dir=None,
     max_rounds: int = 5,
+    progress: bool = True,
 ) -> dict:
     """Accuracy on `n` held-out synthetic tasks through the chatting loop. `no_tools`: the model may not write
     `<tool>` and answers right after its thought (a single look, same model). `initial_max_pixels`: the
     originals' pixel budget. `data_dir` keeps the tasks, and reuses them when the same tasks were written
-    there before."""
+    there before. `progress`: a progress bar on stderr (answers done of `n`)."""
     from .benchmarks import run_eval
     from .synthetic import write_tasks
 
@@ -130,7 +135,7 @@ def synth_eval(
             generate["logits_processor"] = LogitsProcessorList([AnswerAfterThought(processor.tokenizer)])
         summary = run_eval(
             path, folder, model, processor, batch_size=batch_size, max_rounds=0 if no_tools else max_rounds,
-            max_pixels=initial_max_pixels, progress=False, **generate,
+            max_pixels=initial_max_pixels, progress=progress, **generate,
         )  # fmt: skip
     return {
         "accuracy": summary["accuracy"],

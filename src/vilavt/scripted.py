@@ -42,7 +42,9 @@ class ScriptedPolicy(LogitsProcessor):
             [(0, turn) if isinstance(turn, str) else turn for turn in row] for row in scripts
         ]
         self.scripts = [
-            [(free, tokenizer.encode(text, add_special_tokens=False)) for free, text in row] for row in self.scripts
+            # Scripts are text the model writes: a special-token string in them is spelled out, not the token.
+            [(free, tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) for free, text in row]
+            for row in self.scripts
         ]
         banned = {self.eos}
         for tag in (THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE, ANSWER_OPEN, ANSWER_CLOSE, "<|im_start|>"):

@@ -250,3 +250,18 @@ def write_tasks(out, count: int, seed: int, kinds, processor, split: str = "trai
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     logger.info("wrote %d tasks to %s", count, path)
     return path
+
+
+TRAIN_SPLIT, RL_SPLIT = "train", "rl"  # the files examples/configs/*_tiny.yaml read (train.jsonl, rl.jsonl)
+RL_SEED = 5_000_000  # GRPO's questions come from another seed range than the trajectories
+
+
+def write_training_sets(out, n: int, processor, rl_n: int | None = None, seed: int = 0, workers: int = 1) -> dict:
+    """The tiny training quickstart's data: `n` gold trajectories of every kind (SFT, `train.jsonl`) and `rl_n`
+    (default `n`) single-image questions with answers (GRPO, `rl.jsonl`), images under `out/images`; seeds below
+    10^7, so `vilavt synth-eval` stays held out. Returns {split: path}."""
+    if n < 1 or (rl_n is not None and rl_n < 1):
+        raise ValueError(f"the number of tasks must be at least 1, got {n if n < 1 else rl_n}")
+    train = write_tasks(out, n, seed, [*KINDS, *CURRICULUM], processor, split=TRAIN_SPLIT, workers=workers)
+    rl = write_tasks(out, n if rl_n is None else rl_n, RL_SEED + seed, ["single"], processor, split=RL_SPLIT, workers=workers)
+    return {TRAIN_SPLIT: train, RL_SPLIT: rl}

@@ -6,6 +6,7 @@ Qwen3-Embedding's, appends `<|endoftext|>` to every query.
 """
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -15,7 +16,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from .remote_code.configuration_vilavt import ViLaVTConfig
 from .remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
-from .remote_code.processing_vilavt import CHAT_TEMPLATE, ViLaVTProcessor
+from .remote_code.processing_vilavt import ViLaVTProcessor
+from .remote_code.prompts_vilavt import DEFAULT_PROMPTS
 
 # Qwen2.5-VL's special tokens, in their original order.
 QWEN_SPECIAL_TOKENS = [
@@ -43,7 +45,7 @@ _GRID = [28 * i for i in range(17)]
 _BOXES = [json.dumps({"index": i % 3, "bbox_2d": [a, b, c, d]}) for i, (a, b, c, d) in enumerate(zip(_GRID, _GRID[3:] + _GRID[:3], _GRID[1:] + _GRID[:1], _GRID[4:] + _GRID[:4]))]
 
 _CORPUS = [
-    CHAT_TEMPLATE,
+    *(getattr(prompts, slot) for prompts in DEFAULT_PROMPTS.values() for slot in ("system", "user", "response", "response_final")),
     " ".join(_BOXES),
     "The bar is too small to see. Zoom in on the red frame. Still too small. Zoom in again. The bar is rising.",
     "Both bars are too small to see. Zoom in on both red frames. the bar inside the red frame. the bars inside the red frames",
@@ -133,21 +135,51 @@ def tiny_config(tokenizer=None, query_tokenizer=None, **overrides) -> ViLaVTConf
     )
 
 
-# The demo model of the synthetic zoom task: a little larger than the test model; originals share about
-# 112 x 112 pixels (16 image tokens), crops at their natural 2x zoom (a one-token box gives 56 x 56 pixels,
-# 4 tokens); the compact prompt.
-DEMO_CONFIG = dict(
-    vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128),
-    text_config=dict(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+@dataclass(frozen=True)
+class Preset:
+    """A named tiny-model size: overrides of `tiny_config` and default processor settings."""
+
+    config: dict
+    processor: dict
+    description: str
+
+
+PRESETS = {
+    "test": Preset({}, {}, "the test model (~0.3 M parameters)"),
+    # The demo model of the synthetic zoom task: a little larger; originals share about 112 x 112 pixels (16 image
+    # tokens), crops at their natural 2x zoom (a one-token box gives 56 x 56 pixels, 4 tokens); the compact prompt.
+    "demo": Preset(
+        config=dict(
+            vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128),
+            text_config=dict(
+                hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+            ),
+            text_encoder_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+            initializer_range=0.02,
+        ),
+        processor=dict(max_pixels=112 * 112, min_pixels=56 * 56, crop_max_pixels=224 * 224, prompt_style="compact"),
+        description="the synthetic zoom task's model (2.6 M parameters)",
     ),
-    text_encoder_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    initializer_range=0.02,
-)  # fmt: skip
-DEMO_PROCESSOR = dict(
-    max_pixels=112 * 112, min_pixels=56 * 56, crop_max_pixels=224 * 224, prompt_style="compact"
-)
+    # The benchmarks' model (bench/): ~29 M parameters, ViT depth 8 / hidden 256, LLM 4 layers / hidden 512.
+    "small": Preset(
+        config=dict(
+            vision_config=dict(
+                depth=8, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512, fullatt_block_indexes=[3, 7]
+            ),
+            text_config=dict(
+                hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+            ),
+            text_encoder_config=dict(
+                hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64
+            ),
+            initializer_range=0.05,
+        ),
+        processor=dict(crop_max_pixels=448 * 448),
+        description="the benchmarks' model (~29 M parameters)",
+    ),
+}  # fmt: skip
 
 
 def tiny_processor(tokenizer=None, query_tokenizer=None, max_pixels: int = 56 * 56 * 16, **kwargs) -> ViLaVTProcessor:
@@ -163,14 +195,13 @@ def tiny_processor(tokenizer=None, query_tokenizer=None, max_pixels: int = 56 * 
 def tiny_vilavt(seed: int = 0, attn_implementation: str = "sdpa", processor_kwargs=None, preset: str = "test", **config_overrides):
     """(model, processor): a randomly initialised tiny ViLaVT (float32, eval mode) and its processor.
 
-    `preset="demo"` gives the synthetic-task model (`DEMO_CONFIG`, `DEMO_PROCESSOR`). Deterministic for a
-    given seed; no file or network access.
+    `preset` names a size in `PRESETS` ("test", "demo": the synthetic-task model, "small": the benchmarks'
+    model). Deterministic for a given seed; no file or network access.
     """
-    if preset == "demo":
-        config_overrides = {**json.loads(json.dumps(DEMO_CONFIG)), **config_overrides}
-        processor_kwargs = {**DEMO_PROCESSOR, **(processor_kwargs or {})}
-    elif preset != "test":
-        raise ValueError(f"preset must be 'test' or 'demo', got {preset!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    config_overrides = {**json.loads(json.dumps(PRESETS[preset].config)), **config_overrides}
+    processor_kwargs = {**PRESETS[preset].processor, **(processor_kwargs or {})}
     tokenizer, query_tokenizer = build_tokenizers()
     config = tiny_config(tokenizer, query_tokenizer, **config_overrides)
     config._attn_implementation = attn_implementation

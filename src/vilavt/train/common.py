@@ -1,126 +1,22 @@
-"""What SFT and GRPO share: run configs (YAML + command-line overrides), loading the model, choosing
-the trainable parts, LoRA / QLoRA, and saving remote-code checkpoints."""
+"""What SFT and GRPO share: loading the model for a run, choosing the trainable parts, LoRA / QLoRA, and
+saving remote-code checkpoints. Run configs are in `vilavt.train.config`."""
 
 import logging
 import os
-from pathlib import Path
 
 import torch
-import yaml
+
+from ..loading import load_model_and_processor
+from .config import LORA_TARGETS, PARTS, LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
-# Parts of the model the trainable-part flags switch on or off.
-PARTS = ("llm", "vit", "merger", "instruct", "text_proj", "text_encoder")
-# The reference SFT recipe: everything but the query text encoder and text_proj (REFERENCE.md §4.2).
-SFT_TRAINABLE = dict(llm=True, vit=True, merger=True, instruct=True, text_proj=False, text_encoder=False)
-# The reference GRPO recipe: the LLM (and, through it, text_proj); the vision side frozen (§4.3).
-GRPO_TRAINABLE = dict(llm=True, vit=False, merger=False, instruct=False, text_proj=True, text_encoder=False)
 
-# Linear layers LoRA adapts by default: attention and MLP projections of the ViT and the LLM (not the
-# frozen query encoder).
-LORA_TARGETS = r"^(?!.*text_encoder).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv|attn\.proj)$"
-
-# Keys of a run config that are ours; everything else goes to the TRL config (SFTConfig / GRPOConfig).
-RUN_KEYS = {
-    "model",
-    "train_file",
-    "image_root",
-    "train",
-    "lora",
-    "quantization",
-    "max_rounds",
-    "max_regions",
-    "final_dir",
-    "reward_weights",
-    "scripted_policy",
-    "seed_model",
-}
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """`--key value` pairs (values parsed as YAML; dotted keys nest: `--lora.r 8`)."""
-    overrides, i = {}, 0
-    while i < len(argv):
-        key = argv[i]
-        if not key.startswith("--"):
-            raise SystemExit(f"expected --key value, got {key!r}")
-        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-            raise SystemExit(f"option {key} needs a value")
-        value = yaml.safe_load(argv[i + 1])
-        target = overrides
-        *parents, leaf = key[2:].replace("-", "_").split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
-        i += 2
-    return overrides
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def load_run_config(path, overrides: dict | None = None) -> dict:
-    """A run config from YAML with overrides applied (relative paths stay relative to the working directory)."""
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    return merge(config, overrides or {})
-
-
-def split_config(config: dict) -> tuple[dict, dict]:
-    """(our keys, TRL config keys)."""
-    ours = {k: v for k, v in config.items() if k in RUN_KEYS}
-    trl = {k: v for k, v in config.items() if k not in RUN_KEYS}
-    return ours, trl
-
-
-def accelerator_supports_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def precision_defaults(trl_kwargs: dict) -> dict:
-    """TRL defaults to bf16, which fails on machines without it (e.g. CPU): fall back to float32."""
-    if "bf16" not in trl_kwargs:
-        trl_kwargs["bf16"] = accelerator_supports_bf16()
-    if trl_kwargs.get("bf16") and not accelerator_supports_bf16():
-        logger.warning("bf16 requested but not supported here; training in float32")
-        trl_kwargs["bf16"] = False
-    return trl_kwargs
-
-
-def load_model_and_processor(name: str, quantization: str | None = None, attn_implementation: str | None = None):
-    """The model and processor from a checkpoint folder or hub id, or `tiny` / `tiny:SEED` for the
-    offline tiny model. `quantization`: None, "4bit" (QLoRA, nf4) or "8bit" (bitsandbytes)."""
-    from ..remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
-    from ..remote_code.processing_vilavt import ViLaVTProcessor
-
-    if str(name).startswith("tiny"):
-        from ..tiny import tiny_vilavt
-
-        seed = int(str(name).split(":", 1)[1]) if ":" in str(name) else 0
-        if quantization:
-            raise ValueError("quantization needs a saved checkpoint; save the tiny model first")
-        return tiny_vilavt(seed=seed, attn_implementation=attn_implementation or "sdpa")
-    kwargs = {}
-    if quantization:
-        from transformers import BitsAndBytesConfig
-
-        if quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
-        elif quantization == "8bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            raise ValueError(f"quantization must be '4bit', '8bit' or null, got {quantization!r}")
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = ViLaVTForConditionalGeneration.from_pretrained(name, **kwargs)
-    processor = ViLaVTProcessor.from_pretrained(name)
-    return model, processor
+def load_for_training(model_args: ModelArguments):
+    """(model, processor) as `model_args` says."""
+    return load_model_and_processor(
+        model_args.model, model_args.quantization, model_args.attn_implementation, model_args.allow_missing_weights
+    )
 
 
 def part_of(name: str) -> str:
@@ -153,20 +49,73 @@ def set_trainable(model, parts: dict) -> dict[str, int]:
     return counts
 
 
-def apply_lora(model, lora: dict):
+def apply_lora(model, lora: LoraArguments):
     """Wrap the model with peft LoRA adapters (QLoRA when the model was loaded in 4/8 bit)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
-        r=lora.get("r", 16),
-        lora_alpha=lora.get("alpha", 32),
-        lora_dropout=lora.get("dropout", 0.0),
-        target_modules=lora.get("target_modules", LORA_TARGETS),
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.lora_target_modules or LORA_TARGETS,
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def engage_fsdp_on_cpu(args) -> None:
+    """Let accelerate's FSDP plugin run on CPU processes (gloo), e.g. `accelerate launch --config_file
+    examples/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no` on a machine without GPUs.
+
+    accelerate switches to FSDP only from a GPU-type process group; on CPU it leaves the processes unsharded and
+    unsynchronised (distributed type NO or MULTI_CPU), although torch's FSDP2 runs on gloo. Marking the CPU process
+    group as the multi-device type makes accelerate's own FSDP path (FSDP2 `fully_shard`, its state-dict gathering)
+    take over; nothing else changes."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    args.device  # creates the process group (gloo, see ViLaVT*Config)
+    state = PartialState()
+    if state.num_processes > 1 and state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
+def gather_lm_head_for_fsdp(model) -> None:
+    """Under FSDP2, gather the LM head's shard unit at the start of every forward.
+
+    accelerate gives `lm_head` (with the final norm, when it finds one) its own FSDP2 unit, which gathers its weight
+    when one of those modules runs forward. It does not find Qwen2.5-VL's final norm (inside `language_model`), and
+    TRL's fused LM head reads `lm_head.weight` without calling `lm_head`: the weight would stay a sharded DTensor,
+    and TRL's `full_tensor()` would leave its gradient unreduced across processes (each process would update its
+    shard of the head with its own batch only). Gathered, the fused head reads the plain weight and FSDP
+    reduce-scatters its gradient like every other one."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def gather(module, args, kwargs):
+        head = module.get_output_embeddings()
+        if isinstance(head, FSDPModule):
+            head.unshard()  # every process runs the same training forwards; a no-op once gathered
+        return None
+
+    model.register_forward_pre_hook(gather, with_kwargs=True)
+
+
+def prepare_model(config, model=None, processor=None):
+    """(model, processor) for a run: loaded unless given, the run's parts trainable, LoRA adapters if asked."""
+    engage_fsdp_on_cpu(config.training)
+    if model is None:
+        model, processor = load_for_training(config.model)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        gather_lm_head_for_fsdp(model)
+    counts = set_trainable(model, config.trainable())
+    logger.info("trainable parameters per part: %s", counts)
+    if config.lora.lora_r:
+        model = apply_lora(model, config.lora)
+    return model, processor
 
 
 def save_checkpoint(model, processor, folder) -> str:
@@ -181,3 +130,56 @@ def save_checkpoint(model, processor, folder) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def run_and_dataset(stage: str, config, train_dataset=None):
+    """(the run config, its training dataset): a dict in the YAML files' shape is parsed like a file; the dataset is
+    read (and checked) from `train_file` unless given."""
+    from .config import ConfigError, run_config
+    from .data import grpo_dataset, load_grpo_rows, load_sft_rows, sft_dataset
+
+    if isinstance(config, dict):
+        config = run_config(stage, config)
+    if train_dataset is None:
+        args = config.training
+        if not args.train_file:
+            raise ConfigError("train_file is required (a JSONL file of training rows, see vilavt.train.data)")
+        load, make = (load_sft_rows, sft_dataset) if stage == "sft" else (load_grpo_rows, grpo_dataset)
+        train_dataset = make(load(args.train_file, args.image_root))
+    return config, train_dataset
+
+
+def save_final(trainer, folder=None) -> str:
+    """The run's final remote-code checkpoint (default: `final_dir`, else OUTPUT_DIR/final), written once. Every
+    process must call it: under FSDP / DeepSpeed the full weights are gathered from all of them first."""
+    from peft import PeftModel
+
+    args, accelerator = trainer.args, trainer.accelerator
+    folder = str(folder or getattr(args, "final_dir", None) or f"{args.output_dir}/final")
+    model = accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        if isinstance(model, PeftModel):
+            logger.warning("LoRA under FSDP / DeepSpeed: %s holds the adapters, not merged weights", folder)
+            trainer.save_model(folder)
+        else:
+            state_dict = accelerator.get_state_dict(trainer.model)  # a collective: every process takes part
+            if accelerator.is_main_process:
+                save_checkpoint(unsharded(model, state_dict), trainer.processing_class, folder)
+    elif accelerator.is_main_process:
+        save_checkpoint(model, trainer.processing_class, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def unsharded(model, state_dict: dict):
+    """A plain instance of `model`'s class holding the gathered `state_dict`. FSDP2 swaps a module's class for a
+    subclass (`FSDPViLaVT…`) whose name transformers does not know, so saving it would skip the conversion back to
+    the checkpoint key layout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state_dict, assign=True)
+    plain.generation_config = model.generation_config
+    return plain
