@@ -96,6 +96,10 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         logits_processor_factory: `prompts -> LogitsProcessorList` for the rollouts of a batch (e.g. a scripted
             policy in tests); prompts are the batch's conversations, in batch order.
 
+    `use_vllm=True` (TRL's colocate mode, `vllm_mode="colocate"`): the rollouts run the same loop on TRL's vLLM
+    engine, which TRL builds from the model's folder and keeps in sync with the policy (`vilavt.vllm.rollouts`;
+    needs the vLLM environment, README "vLLM backend"); the scoring pass is unchanged.
+
     `skip_zero_advantage` (the config's field, also an attribute) drops completions whose advantage is 0 before the
     loss pass when that leaves the update unchanged (see `informative_rows`).
 
@@ -110,6 +114,10 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, rollout_kwargs=None, logits_processor_factory=None, **kwargs):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        if getattr(kwargs.get("args"), "use_vllm", False):  # one clear error before TRL builds an engine
+            from ..vllm.rollouts import check_vllm_args
+
+            check_vllm_args(kwargs["args"])
         self._logits_processor_factory = logits_processor_factory
         self._scoring: Scoring | None = None  # the rollouts the scoring forwards of the current pass belong to
         super().__init__(*args, rollout_func=_rollout, **kwargs)
@@ -132,26 +140,12 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
             processor_kwargs={"padding": True},
         ).to(self.accelerator.device)
         kwargs = dict(self._rollout_kwargs)
-        if self._logits_processor_factory is not None:
-            kwargs["logits_processor"] = self._logits_processor_factory(prompts)
-        generation_config = copy.deepcopy(self.generation_config)
-        generation_config.return_dict_in_generate = True
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as model,
-            gathered_for_generation(self.model_wrapped) if self.is_fsdp_enabled else contextlib.nullcontext(),
-        ):
-            output = model.generate(
-                **inputs,
-                images=list(originals),
-                processor=processor,
-                generation_config=generation_config,
-                output_logprobs=True,
-                **kwargs,
-            )
+        if self.use_vllm:  # the loop on TRL's colocated vLLM engine (weights synced by TRL)
+            from ..vllm.rollouts import vllm_generate
+
+            output = vllm_generate(self, inputs, list(originals), prompts, self._logits_processor_factory, **kwargs)
+        else:
+            output = self._transformers_generate(inputs, originals, prompts, kwargs)
         prompt_ids, completion_ids, env_mask, logprobs, texts = [], [], [], [], []
         for episode, sampled_logps in zip(output.episodes, output.logprobs):
             start = episode.prompt_length
@@ -177,6 +171,30 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
             "completion_text": texts,  # with the turn markers, for the rewards
             "stop_reason": [t.stop_reason for t in traces],
         }
+
+    def _transformers_generate(self, inputs, originals, prompts, kwargs):
+        processor = self.processing_class
+        if self._logits_processor_factory is not None:
+            kwargs["logits_processor"] = self._logits_processor_factory(prompts)
+        generation_config = copy.deepcopy(self.generation_config)
+        generation_config.return_dict_in_generate = True
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            gathered_for_generation(self.model_wrapped) if self.is_fsdp_enabled else contextlib.nullcontext(),
+        ):
+            output = model.generate(
+                **inputs,
+                images=list(originals),
+                processor=processor,
+                generation_config=generation_config,
+                output_logprobs=True,
+                **kwargs,
+            )
+        return output
 
     def _generate_and_score_completions(self, inputs):
         try:

