@@ -121,6 +121,10 @@ class ViLaVTGRPOTrainer(GRPOTrainer):
         self._logits_processor_factory = logits_processor_factory
         self._scoring: Scoring | None = None  # the rollouts the scoring forwards of the current pass belong to
         super().__init__(*args, rollout_func=_rollout, **kwargs)
+        if self.use_vllm:
+            from ..vllm.rollouts import adopt_vllm_generation
+
+            adopt_vllm_generation(self)
         rollout_default = self.args.rollout_kwargs() if hasattr(self.args, "rollout_kwargs") else {}
         self._rollout_kwargs = dict(rollout_default if rollout_kwargs is None else rollout_kwargs)
         self.skip_zero_advantage = getattr(self.args, "skip_zero_advantage", True)

@@ -2,7 +2,11 @@
 
 TRL builds the engine (`trainer.vllm_generation.llm`, in the trainer's process) from the model's folder, which
 loads through this package's vLLM plugin, and syncs the policy's weights into it before each generation
-batch (`GRPOTrainer._generate`, for a `rollout_func`). The trainer's `vilavt_rollout` hands its batch to
+batch (`GRPOTrainer._generate`, for a `rollout_func`). The sync itself goes through vLLM's `reload_weights`
+(`ViLaVTVLLMGeneration`): TRL 1.16 writes each tensor with the model's `load_weights`, which fails on vLLM
+0.32's CPU backend (it repacks linear weights and drops the loadable ones) and leaves vLLM's encoder cache
+holding image features computed with the old weights — for ViLaVT, whose GRPO recipe trains the query
+projection (`text_proj`), stale features. The trainer's `vilavt_rollout` hands its batch to
 `vllm_generate`, which runs the chatting loop on that engine (`ViLaVTVLLM.generate`): the same inputs, rules
 and outputs as the transformers rollouts, so TRL's scoring pass and the trainer's vision inputs are unchanged.
 
@@ -13,8 +17,28 @@ then compares the same quantity from the two engines, i.e. corrects their numeri
 """
 
 from transformers import GenerationConfig
+from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from . import VLLMBackendError
+
+
+class ViLaVTVLLMGeneration(VLLMGeneration):
+    """TRL's vLLM backend whose colocated weight sync is vLLM's `reload_weights` (see the module docstring): the same
+    tensors (`_iter_named_params`: FSDP, DeepSpeed and PEFT handled by TRL), then vLLM re-processes each layer for
+    its kernels; the encoder cache (image features) and the prefix cache are dropped."""
+
+    def sync_weights(self):
+        if self.mode != "colocate":
+            return super().sync_weights()
+        if self.enable_sleep_mode:  # as the parent: map the weights' memory before writing them
+            empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
+        # vLLM's reload drops only the model runner's features; the scheduler would still count them as cached.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
 
 
 def check_vllm_args(args) -> None:
@@ -28,6 +52,11 @@ def check_vllm_args(args) -> None:
     from . import check_backend
 
     check_backend()
+
+
+def adopt_vllm_generation(trainer) -> None:
+    """Give the trainer's TRL vLLM backend ViLaVT's weight sync (its class, which states only that difference)."""
+    trainer.vllm_generation.__class__ = ViLaVTVLLMGeneration
 
 
 def rollout_generation_config(trainer) -> GenerationConfig:
@@ -65,4 +94,4 @@ def vllm_generate(trainer, inputs: dict, originals: list, prompts: list, logits_
     return engine.generate(**inputs, images=originals, output_logprobs=True, logits_processor_factory=factory, **kwargs)
 
 
-__all__ = ["check_vllm_args", "rollout_generation_config", "vllm_generate"]
+__all__ = ["ViLaVTVLLMGeneration", "adopt_vllm_generation", "check_vllm_args", "rollout_generation_config", "vllm_generate"]
