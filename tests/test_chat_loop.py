@@ -3,7 +3,7 @@ loop, batched == unbatched, and every bad tool call becomes an error the model r
 
 import pytest
 import torch
-from conftest import conversation, picture
+from conftest import chat_inputs, conversation, picture
 from PIL import Image
 from transformers import LogitsProcessorList, TextStreamer
 
@@ -14,15 +14,7 @@ SMALL_BOX = [0, 0, 28, 28]  # inside any displayed image (the smallest is 56 x 5
 
 def run(tiny, images_per_row, scripts, **kwargs):
     model, processor = tiny
-    conversations = [conversation(images) for images in images_per_row]
-    inputs = processor.apply_chat_template(
-        conversations if len(conversations) > 1 else conversations[0],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True},
-    )
+    inputs = chat_inputs(processor, [conversation(images) for images in images_per_row], processor_kwargs={"padding": True})
     kwargs.setdefault("max_new_tokens", 3000)
     return model.generate(
         **inputs,

@@ -4,17 +4,18 @@ import torch
 from conftest import image_features, query_inputs, reference_case
 
 
+def empty_query_features(model, case):
+    """Case b's images grouped as in the case, with its all-padding (empty) query rows."""
+    return image_features(
+        model, case["pixel_values"], case["image_grid_thw"], query_ids=case["empty_query_ids"],
+        query_attention_mask=case["empty_query_attention_mask"], image_to_query_mapping=case["image_to_query_mapping"],
+    )  # fmt: skip
+
+
 def test_the_query_changes_the_features(reference_model):
     case = reference_case("b")
     with_query = image_features(reference_model, case["pixel_values"], case["image_grid_thw"], **query_inputs(case))
-    empty = image_features(
-        reference_model,
-        case["pixel_values"],
-        case["image_grid_thw"],
-        query_ids=case["empty_query_ids"],
-        query_attention_mask=case["empty_query_attention_mask"],
-        image_to_query_mapping=case["image_to_query_mapping"],
-    )
+    empty = empty_query_features(reference_model, case)
     assert (with_query - empty).abs().max() > 0.1
 
 
@@ -73,14 +74,7 @@ def test_images_sharing_an_empty_query_attend_jointly(reference_model):
         reference_model, case["pixel_values"], case["image_grid_thw"], image_to_query_mapping=torch.tensor([0, 0])
     )
     separate = image_features(reference_model, case["pixel_values"], case["image_grid_thw"])
-    empty_joint = image_features(
-        reference_model,
-        case["pixel_values"],
-        case["image_grid_thw"],
-        query_ids=case["empty_query_ids"],
-        query_attention_mask=case["empty_query_attention_mask"],
-        image_to_query_mapping=case["image_to_query_mapping"],
-    )
+    empty_joint = empty_query_features(reference_model, case)
     torch.testing.assert_close(joint, empty_joint)
     assert (joint - separate).abs().max() > 1e-3
 
