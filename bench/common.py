@@ -53,7 +53,7 @@ def inputs_for(processor, seeds):
         for s in seeds
     ]
     batch = processor.apply_chat_template(
-        conversations if len(conversations) > 1 else conversations[0],
+        conversations,
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,

@@ -9,8 +9,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference-parity"
@@ -18,6 +21,90 @@ REFERENCE = Path(__file__).parent / "fixtures" / "reference-parity"
 
 def reference_case(name: str) -> dict[str, torch.Tensor]:
     return load_file(REFERENCE / f"case_{name}.safetensors")
+
+
+def query_inputs(case: dict) -> dict:
+    return {k: case[k] for k in ("query_ids", "query_attention_mask", "image_to_query_mapping") if k in case}
+
+
+def image_features(model, pixel_values, grid, **query) -> torch.Tensor:
+    """All images' features V(I, q), concatenated (`model`: a ViLaVT model or its inner model)."""
+    with torch.no_grad():
+        return torch.cat(model.get_image_features(pixel_values, grid, **query).pooler_output)
+
+
+# ---- conversations ----------------------------------------------------------------------------------------
+
+
+def picture(size=(640, 480), color="white", seed=0) -> Image.Image:
+    """A picture with a dozen coloured boxes (seeded)."""
+    image = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(image)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(12):
+        x, y = torch.randint(0, size[0] - 40, (1,), generator=g).item(), torch.randint(0, size[1] - 40, (1,), generator=g).item()
+        fill = tuple(torch.randint(0, 255, (3,), generator=g).tolist())
+        draw.rectangle((x, y, x + 40, y + 30), fill=fill)
+    return image
+
+
+def conversation(images, question="What is in the red frame?") -> list[dict]:
+    """A first user turn: the images (image content items, or anything an image item takes) then the question."""
+    items = [image if isinstance(image, dict) else {"type": "image", "image": image} for image in images]
+    return [{"role": "user", "content": [*items, {"type": "text", "text": question}]}]
+
+
+def chat_inputs(processor, messages, **kwargs):
+    """The processor's model inputs for `messages`, ready to generate."""
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
+    )
+
+
+# ---- training data ----------------------------------------------------------------------------------------
+
+TRAJECTORIES = [
+    {
+        "id": "two-rounds",
+        "images": ["scene.png"],
+        "question": "What is in the red frame?",
+        "problem_type": "multiple choice",
+        "answer": "B",
+        "turns": [
+            {"thought": "too small", "query": "the red frame", "regions": [{"index": 0, "bbox_norm": [0.55, 0.55, 0.8, 0.8]}]},
+            {"thought": "closer", "query": "its centre", "regions": [{"index": 1, "bbox_2d": [0, 0, 28, 28]}]},
+            {"thought": "it is B", "answer": "B"},
+        ],
+    },
+    {
+        "id": "two-images",
+        "images": ["scene.png", "navy.png"],
+        "question": "Is the left one brighter?",
+        "problem_type": "judgment",
+        "answer": "yes",
+        "turns": [
+            {"thought": "compare", "query": "both", "regions": [{"index": 0, "bbox_2d": [0, 0, 56, 56]}, {"index": 1, "bbox_2d": [0, 0, 40, 40]}]},
+            {"thought": "yes", "answer": "yes"},
+        ],
+    },
+]
+
+
+def write_images(folder):
+    """The images TRAJECTORIES name: a scene with a red frame, and a navy one."""
+    scene = Image.new("RGB", (640, 480), "white")
+    ImageDraw.Draw(scene).rectangle((400, 300, 460, 350), outline="red", width=4)
+    scene.save(folder / "scene.png")
+    Image.new("RGB", (300, 500), "navy").save(folder / "navy.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A folder with TRAJECTORIES as `train.jsonl` and their images."""
+    folder = tmp_path_factory.mktemp("trajectories")
+    write_images(folder)
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TRAJECTORIES))
+    return folder
 
 
 def official_checkpoint(folder: Path) -> Path:

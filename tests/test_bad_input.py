@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import reference_case
+from conftest import image_features, query_inputs, reference_case
 
 
 @pytest.fixture(scope="module")
@@ -11,9 +11,7 @@ def case_c():
 
 
 def encode(model, case, **overrides):
-    inputs = {k: case[k] for k in ("query_ids", "query_attention_mask", "image_to_query_mapping")}
-    inputs.update(overrides)
-    return model.get_image_features(case["pixel_values"], case["image_grid_thw"], **inputs)
+    return image_features(model, case["pixel_values"], case["image_grid_thw"], **{**query_inputs(case), **overrides})
 
 
 @pytest.mark.parametrize(

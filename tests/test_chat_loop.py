@@ -3,7 +3,8 @@ loop, batched == unbatched, and every bad tool call becomes an error the model r
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import chat_inputs, conversation, picture
+from PIL import Image
 from transformers import LogitsProcessorList, TextStreamer
 
 from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text
@@ -11,32 +12,9 @@ from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text
 SMALL_BOX = [0, 0, 28, 28]  # inside any displayed image (the smallest is 56 x 56)
 
 
-def picture(size=(640, 480), color="white", seed=0):
-    image = Image.new("RGB", size, color)
-    draw = ImageDraw.Draw(image)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(12):
-        x, y = torch.randint(0, size[0] - 40, (1,), generator=g).item(), torch.randint(0, size[1] - 40, (1,), generator=g).item()
-        fill = tuple(torch.randint(0, 255, (3,), generator=g).tolist())
-        draw.rectangle((x, y, x + 40, y + 30), fill=fill)
-    return image
-
-
-def conversation(images, question="What is in the red frame?"):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": question}]}]
-
-
 def run(tiny, images_per_row, scripts, **kwargs):
     model, processor = tiny
-    conversations = [conversation(images) for images in images_per_row]
-    inputs = processor.apply_chat_template(
-        conversations if len(conversations) > 1 else conversations[0],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True},
-    )
+    inputs = chat_inputs(processor, [conversation(images) for images in images_per_row], processor_kwargs={"padding": True})
     kwargs.setdefault("max_new_tokens", 3000)
     return model.generate(
         **inputs,
@@ -188,15 +166,16 @@ def test_round_budget_ends_the_episode(tiny):
     assert text.rindex("You have reached the maximum") > text.index("q1")
 
 
-def test_token_budget_ends_a_rambling_episode(tiny):
-    model, processor = tiny
-    inputs = processor.apply_chat_template(
-        conversation([picture()]), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    output = model.generate(**inputs, processor=processor, max_new_tokens=40, return_dict_in_generate=True)
-    episode = output.episodes[0]
-    assert episode.new_tokens <= 40
-    assert output.traces[0].stop_reason in {"max_new_tokens", "eos", "answer", "max_rounds"}
+@pytest.mark.parametrize("budget", [40, 41, 200])
+def test_token_budget_ends_a_rambling_episode(tiny, budget):
+    """A model that never ends its turn (end-of-turn and tags banned) stops at exactly the token budget, tool
+    responses included: here one call, then rambling."""
+    script = [(3, tool_call_text([(0, SMALL_BOX)], "q")), (10_000, "")]
+    output = run(tiny, [[picture()]], [script], max_new_tokens=budget)
+    episode, trace = output.episodes[0], output.traces[0]
+    assert trace.stop_reason == "max_new_tokens"
+    assert episode.new_tokens == budget if trace.rounds else episode.new_tokens <= budget
+    assert len(trace.rounds) == (1 if budget == 200 else 0)  # a 40-token budget cannot hold the tool response
 
 
 def test_errors_count_against_the_round_budget(tiny):

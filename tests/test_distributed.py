@@ -19,7 +19,7 @@ import torch
 from conftest import run_python
 from distributed_jobs import run
 from safetensors.torch import load_file
-from test_training import TRAJECTORIES, write_images
+from conftest import TRAJECTORIES, write_images
 
 ROOT = Path(__file__).parent.parent
 ACCELERATE = ROOT / "examples" / "accelerate"

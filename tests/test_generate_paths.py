@@ -7,7 +7,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text
 
-from test_chat_loop import conversation, picture
+from conftest import conversation, picture
 
 
 @pytest.fixture(scope="module")

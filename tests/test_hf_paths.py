@@ -9,13 +9,7 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from test_chat_loop import conversation, picture
-
-
-def one_step(processor, messages, **kwargs):
-    return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
-    )
+from conftest import chat_inputs, conversation, picture
 
 
 @pytest.mark.parametrize("sizes", [[(640, 480)], [(640, 480), (300, 500)], [(1200, 90), (90, 1200), (500, 500)]])
@@ -26,7 +20,7 @@ def test_two_step_flow_encodes_the_sizes_its_text_states(tiny, sizes, max_pixels
     messages = conversation(images)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, max_pixels=max_pixels)
     two = processor(text=text, images=images, return_tensors="pt")
-    one = one_step(processor, messages, max_pixels=max_pixels)
+    one = chat_inputs(processor, messages, max_pixels=max_pixels)
     assert torch.equal(two["input_ids"], one["input_ids"])
     assert torch.equal(two["image_grid_thw"], one["image_grid_thw"])
     torch.testing.assert_close(two["pixel_values"], one["pixel_values"])
@@ -45,7 +39,7 @@ def test_two_step_flow_without_the_rendering_processor_uses_the_rule(tiny):
     images = [picture((900, 700)), picture((300, 500), seed=2)]
     text = other.apply_chat_template(conversation(images), add_generation_prompt=True)
     two = processor(text=text, images=images, return_tensors="pt")
-    one = one_step(processor, conversation(images))
+    one = chat_inputs(processor, conversation(images))
     assert torch.equal(two["input_ids"], one["input_ids"]) and torch.equal(two["image_grid_thw"], one["image_grid_thw"])
 
 
@@ -59,7 +53,7 @@ def test_a_text_and_images_that_disagree_is_a_clear_error(tiny):
 def test_processor_outputs_carry_the_originals(tiny):
     model, processor = tiny
     image = picture((1000, 800))
-    inputs = one_step(processor, conversation([image]))
+    inputs = chat_inputs(processor, conversation([image]))
     (originals,) = inputs["originals"]
     assert originals[0].size == (1000, 800)  # full resolution, while pixel_values are the displayed image
     assert inputs.to("cpu")["originals"] is inputs["originals"]
@@ -73,7 +67,7 @@ def test_plain_generate_crops_from_the_originals(tiny):
 
     model, processor = tiny
     image = picture((1600, 1200))
-    inputs = one_step(processor, conversation([image]))
+    inputs = chat_inputs(processor, conversation([image]))
     script = [[(1, tool_call_text([(0, [0, 0, 56, 56])], "corner")), (1, answer_text("x"))]]
     policy = lambda: LogitsProcessorList([ScriptedPolicy(processor.tokenizer, script)])  # noqa: E731
     plain = model.generate(**inputs, processor=processor, logits_processor=policy(), return_dict_in_generate=True)
@@ -114,7 +108,7 @@ def test_shipped_model_answers_the_same_through_chat_generate_and_the_pipeline(s
     for row, images in tasks(processor, 9):
         answer, trace = model.chat(images, row["question"], processor=processor, max_new_tokens=1024)
         messages = conversation(images, row["question"])
-        inputs = one_step(processor, messages)
+        inputs = chat_inputs(processor, messages)
         sequences = model.generate(**inputs, max_new_tokens=1024)
         assert answer_of(processor, sequences[0], inputs["input_ids"].shape[1]) == answer, row["question"]
         generated = pipe(text=messages, max_new_tokens=1024)[0]["generated_text"]

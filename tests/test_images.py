@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import LogitsProcessorList
 
+from conftest import chat_inputs, conversation
+
 from vilavt.benchmarks import read_results, run_eval
 from vilavt.remote_code.images_vilavt import MAX_ASPECT_RATIO, PAD_COLOR, prepare_image
 from vilavt.remote_code.processing_vilavt import ImageLoadError, open_image
@@ -38,16 +40,6 @@ def png_bytes(image: Image.Image, fmt="PNG", **params) -> bytes:
 
 def data_uri(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def conversation(*images, question="What is it?"):
-    return [{"role": "user", "content": [*images, {"type": "text", "text": question}]}]
-
-
-def chat_inputs(processor, messages):
-    return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
 
 
 def encoded_size(inputs, row=0) -> tuple[int, int]:
@@ -90,7 +82,7 @@ def test_extreme_images_go_through_the_chat_template_and_the_processor(tiny, tmp
     _, processor = tiny
     path = tmp_path / "wide.png"
     stripes((10_000, 10)).save(path)
-    inputs = chat_inputs(processor, conversation({"type": "image", "image": str(path)}))
+    inputs = chat_inputs(processor, conversation([{"type": "image", "image": str(path)}]))
     text = processor.tokenizer.decode(inputs["input_ids"][0])
     shown = encoded_size(inputs)
     assert f"The image size: width {shown[0]}, height {shown[1]}." in text
@@ -267,8 +259,8 @@ def test_data_uris_load_as_the_file_does(tiny, tmp_path):
         {"type": "image", "image": uri},
         {"type": "image_url", "image_url": {"url": uri}},
     ):
-        inputs = chat_inputs(processor, conversation(item))
-        reference = chat_inputs(processor, conversation({"type": "image", "image": image}))
+        inputs = chat_inputs(processor, conversation([item]))
+        reference = chat_inputs(processor, conversation([{"type": "image", "image": image}]))
         assert torch.equal(inputs["input_ids"], reference["input_ids"])
         torch.testing.assert_close(inputs["pixel_values"], reference["pixel_values"])
 
@@ -301,7 +293,7 @@ def test_an_unreachable_url_is_an_error_naming_it(tiny):
     with pytest.raises(ImageLoadError, match=f"{url}: cannot download image"):
         open_image(url)
     with pytest.raises(ImageLoadError, match="cat.png: cannot download image"):
-        chat_inputs(processor, conversation({"type": "image", "url": url}))
+        chat_inputs(processor, conversation([{"type": "image", "url": url}]))
     with pytest.raises(ImageLoadError, match="cat.png: cannot download image"):
         model.chat(url, "What?", processor=processor)
 
@@ -326,8 +318,8 @@ def test_http_urls_load_through_transformers_loader(tiny, tmp_path, served):
     image.save(tmp_path / "stripes.png")
     (tmp_path / "page.html").write_text("<html>not found</html>")
     assert open_image(f"{served}/stripes.png").tobytes() == image.tobytes()
-    inputs = chat_inputs(processor, conversation({"type": "image", "url": f"{served}/stripes.png"}))
-    reference = chat_inputs(processor, conversation({"type": "image", "image": image}))
+    inputs = chat_inputs(processor, conversation([{"type": "image", "url": f"{served}/stripes.png"}]))
+    reference = chat_inputs(processor, conversation([{"type": "image", "image": image}]))
     torch.testing.assert_close(inputs["pixel_values"], reference["pixel_values"])
     with pytest.raises(ImageLoadError, match=r"page\.html: not a readable image"):
         open_image(f"{served}/page.html")
@@ -366,7 +358,7 @@ def test_the_chat_template_the_processor_and_the_crops_agree_on_orientation(tiny
     model, processor = tiny
     path = oriented_jpeg(tmp_path, 6)
     lazy = Image.open(path)
-    template = chat_inputs(processor, conversation({"type": "image", "image": lazy}))
+    template = chat_inputs(processor, conversation([{"type": "image", "image": lazy}]))
     assert encoded_size(template)[1] > encoded_size(template)[0]  # portrait, as displayed
     shown = processor.fit_originals([lazy])[0]
     box = [0, 0, shown.width, shown.height // 3]

@@ -13,7 +13,7 @@ from transformers import LogitsProcessorList
 
 from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text
 
-from test_chat_loop import conversation, picture
+from conftest import conversation, picture
 
 STOP_REASONS = {"answer", "no_answer", "eos", "max_rounds", "max_new_tokens", "max_turn_tokens", "stopping_criteria"}
 SPECIALS = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|im_end|>\n<|im_start|>assistant\n",

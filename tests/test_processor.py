@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import conversation
 from PIL import Image
 
 from vilavt.remote_code.processing_vilavt import ImageLoadError, open_image
@@ -13,13 +14,12 @@ def red(size=(300, 200)):
     return Image.new("RGB", size, (200, 30, 30))
 
 
-def conversation(*images, question="Which is larger?"):
-    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": question}]}]
+QUESTION = "Which is larger?"
 
 
 def test_system_prompt_and_first_turn(tiny):
     _, processor = tiny
-    text = processor.apply_chat_template(conversation(red(), red((140, 140))), add_generation_prompt=True)
+    text = processor.apply_chat_template(conversation([red(), red((140, 140))], QUESTION), add_generation_prompt=True)
     system, user = text.split("<|im_start|>user\n")
     assert system.startswith("<|im_start|>system\n")
     assert '{"region": [{"index": int, "bbox_2d": [x1, y1, x2, y2]}, ...], "query": str}' in system
@@ -35,7 +35,7 @@ def test_system_prompt_and_first_turn(tiny):
 def test_single_image_states_its_displayed_size(tiny):
     _, processor = tiny
     image = red((600, 400))
-    text = processor.apply_chat_template(conversation(image))
+    text = processor.apply_chat_template(conversation([image], QUESTION))
     (shown,) = processor.fit_originals([image])
     assert shown.width % 28 == 0 and shown.height % 28 == 0
     assert shown.width * shown.height <= processor.max_pixels
@@ -56,7 +56,7 @@ def test_a_batch_repeating_an_image_renders_like_one_conversation_and_keeps_the_
     _, processor = tiny
     image, other = red((900, 600)), red((500, 700))
     other.save(tmp_path / "other.png")
-    one, two = conversation(image, str(tmp_path / "other.png")), conversation(image)
+    one, two = conversation([image, str(tmp_path / "other.png")], QUESTION), conversation([image], QUESTION)
     before = repr(one) + repr(two)
     kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     alone = [processor.apply_chat_template(c, **kwargs) for c in (one, two)]
@@ -73,7 +73,7 @@ def test_a_batch_repeating_an_image_renders_like_one_conversation_and_keeps_the_
 
 def test_explicit_system_message_replaces_the_default(tiny):
     _, processor = tiny
-    messages = [{"role": "system", "content": "Be brief."}, *conversation(red())]
+    messages = [{"role": "system", "content": "Be brief."}, *conversation([red()], QUESTION)]
     text = processor.apply_chat_template(messages)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert "zoom-in tool" not in text.split("<|im_start|>user")[0]
@@ -82,7 +82,7 @@ def test_explicit_system_message_replaces_the_default(tiny):
 def test_tool_turns(tiny):
     _, processor = tiny
     crop = red((112, 84))
-    messages = conversation(red(), red()) + [
+    messages = conversation([red(), red()], QUESTION) + [
         {"role": "assistant", "content": '<think>look</think><tool>{"region": [], "query": "q"}</tool>'},
         {"role": "tool", "content": [{"type": "image", "image": crop}]},
         {"role": "assistant", "content": "<think>again</think><tool>bad</tool>"},
@@ -101,7 +101,7 @@ def test_tool_turns(tiny):
 
 def test_assistant_tokens_mask_marks_assistant_content(tiny):
     _, processor = tiny
-    messages = conversation(red()) + [{"role": "assistant", "content": "<think>x</think><answer>A</answer>"}]
+    messages = conversation([red()], QUESTION) + [{"role": "assistant", "content": "<think>x</think><answer>A</answer>"}]
     out = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
@@ -126,7 +126,7 @@ def test_query_tokenisation(tiny):
 
 def test_call_returns_query_tensors(tiny):
     _, processor = tiny
-    messages = conversation(red(), red((100, 300)))
+    messages = conversation([red(), red((100, 300))], QUESTION)
     out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
     assert out["image_to_query_mapping"].tolist() == [0, 1]
     assert out["query_ids"].shape == (2, 50) and out["query_attention_mask"].sum() == 0
@@ -158,7 +158,7 @@ def test_processor_roundtrip(tiny, tmp_path):
     loaded = ViLaVTProcessor.from_pretrained(tmp_path)
     assert (loaded.max_pixels, loaded.max_query_length) == (processor.max_pixels, processor.max_query_length)
     assert loaded.prompts == processor.prompts and loaded.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert loaded.apply_chat_template(conversation(red())) == processor.apply_chat_template(conversation(red()))
+    assert loaded.apply_chat_template(conversation([red()], QUESTION)) == processor.apply_chat_template(conversation([red()], QUESTION))
     assert torch.equal(loaded.tokenize_queries(["a b"])[0]["query_ids"], processor.tokenize_queries(["a b"])[0]["query_ids"])
 
 
@@ -216,11 +216,11 @@ def test_images_above_the_budgets_keep_their_displayed_size(tiny):
     budget = 4 * max(processor.max_pixels, processor.crop_max_pixels)
     image = red((1200, 800))
     out = processor.apply_chat_template(
-        conversation(image), max_pixels=budget, tokenize=True, return_dict=True, return_tensors="pt"
+        conversation([image], QUESTION), max_pixels=budget, tokenize=True, return_dict=True, return_tensors="pt"
     )
     (shown,) = processor.fit_originals([image], budget)
     assert shown.width * shown.height > max(processor.max_pixels, processor.crop_max_pixels)
     _, rows, cols = out["image_grid_thw"][0].tolist()
     assert (cols * 14, rows * 14) == shown.size
-    text = processor.apply_chat_template(conversation(image), max_pixels=budget)
+    text = processor.apply_chat_template(conversation([image], QUESTION), max_pixels=budget)
     assert f"width {shown.width}, height {shown.height}" in text

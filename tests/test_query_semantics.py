@@ -1,36 +1,28 @@
 """What the query does and does not influence, and batching several conversations in one call."""
 
 import torch
-from conftest import reference_case
+from conftest import image_features, query_inputs, reference_case
 
 
-def features(model, pixel_values, grid, **query):
-    with torch.no_grad():
-        return torch.cat(model.get_image_features(pixel_values, grid, **query).pooler_output)
-
-
-def query_inputs(case):
-    return {k: case[k] for k in ("query_ids", "query_attention_mask", "image_to_query_mapping")}
+def empty_query_features(model, case):
+    """Case b's images grouped as in the case, with its all-padding (empty) query rows."""
+    return image_features(
+        model, case["pixel_values"], case["image_grid_thw"], query_ids=case["empty_query_ids"],
+        query_attention_mask=case["empty_query_attention_mask"], image_to_query_mapping=case["image_to_query_mapping"],
+    )  # fmt: skip
 
 
 def test_the_query_changes_the_features(reference_model):
     case = reference_case("b")
-    with_query = features(reference_model, case["pixel_values"], case["image_grid_thw"], **query_inputs(case))
-    empty = features(
-        reference_model,
-        case["pixel_values"],
-        case["image_grid_thw"],
-        query_ids=case["empty_query_ids"],
-        query_attention_mask=case["empty_query_attention_mask"],
-        image_to_query_mapping=case["image_to_query_mapping"],
-    )
+    with_query = image_features(reference_model, case["pixel_values"], case["image_grid_thw"], **query_inputs(case))
+    empty = empty_query_features(reference_model, case)
     assert (with_query - empty).abs().max() > 0.1
 
 
 def test_no_query_tensors_means_empty_queries(reference_model):
     """f0 = V(I, ∅): omitting the query tensors equals one empty query per image (case A)."""
     case = reference_case("a")
-    ours = features(reference_model, case["pixel_values"], case["image_grid_thw"])
+    ours = image_features(reference_model, case["pixel_values"], case["image_grid_thw"])
     torch.testing.assert_close(ours, case["image_embeds"], atol=1e-4, rtol=1e-4)
 
 
@@ -38,12 +30,12 @@ def test_changing_one_query_leaves_other_groups_bit_identical(reference_model):
     case = reference_case("e")  # mapping [0, 1, 2, 2]; images 2 and 3 share query 2
     tokens = case["image_grid_thw"].prod(-1) // 4
     image_of_row = torch.repeat_interleave(torch.arange(len(tokens)), tokens)
-    base = features(reference_model, case["pixel_values"], case["image_grid_thw"], **query_inputs(case))
+    base = image_features(reference_model, case["pixel_values"], case["image_grid_thw"], **query_inputs(case))
     for row, affected in ((2, {2, 3}), (1, {1})):
         changed = query_inputs(case)
         changed["query_ids"] = case["query_ids"].clone()
         changed["query_ids"][row] = (changed["query_ids"][row] + 7) % 96
-        other = features(reference_model, case["pixel_values"], case["image_grid_thw"], **changed)
+        other = image_features(reference_model, case["pixel_values"], case["image_grid_thw"], **changed)
         for image in range(len(tokens)):
             rows = image_of_row == image
             if image in affected:
@@ -52,31 +44,20 @@ def test_changing_one_query_leaves_other_groups_bit_identical(reference_model):
                 assert torch.equal(other[rows], base[rows])
 
 
-def pad_queries(ids, mask, length):
-    extra = length - ids.shape[1]
-    return torch.nn.functional.pad(ids, (0, extra)), torch.nn.functional.pad(mask, (0, extra))
-
-
 def test_a_batch_of_conversations_equals_each_alone(reference_model):
-    """Two conversations with different numbers of images (3, 4) and queries (2, 3) in one call; the
-    second conversation's mapping is offset by the first's query rows."""
+    """Two conversations with different numbers of images (3, 4) and queries (2, 3) in one call, batched by the
+    one batching function (`batch_vision`: query rows padded, the second mapping offset by the first's rows)."""
+    from vilavt.remote_code.processing_vilavt import batch_vision
+
     first, second = reference_case("c"), reference_case("e")
-    length = max(first["query_ids"].shape[1], second["query_ids"].shape[1])
-    ids_1, mask_1 = pad_queries(first["query_ids"], first["query_attention_mask"], length)
-    ids_2, mask_2 = pad_queries(second["query_ids"], second["query_attention_mask"], length)
-    batched = features(
-        reference_model,
-        torch.cat([first["pixel_values"], second["pixel_values"]]),
-        torch.cat([first["image_grid_thw"], second["image_grid_thw"]]),
-        query_ids=torch.cat([ids_1, ids_2]),
-        query_attention_mask=torch.cat([mask_1, mask_2]),
-        image_to_query_mapping=torch.cat(
-            [first["image_to_query_mapping"], second["image_to_query_mapping"] + ids_1.shape[0]]
-        ),
-    )
+    batch = batch_vision([{**query_inputs(c), "pixel_values": c["pixel_values"], "image_grid_thw": c["image_grid_thw"]}
+                          for c in (first, second)])
+    assert batch["image_to_query_mapping"].tolist() == first["image_to_query_mapping"].tolist() + (
+        second["image_to_query_mapping"] + first["query_ids"].shape[0]).tolist()
+    batched = image_features(reference_model, batch.pop("pixel_values"), batch.pop("image_grid_thw"), **batch)
     alone = torch.cat(
         [
-            features(reference_model, c["pixel_values"], c["image_grid_thw"], **query_inputs(c))
+            image_features(reference_model, c["pixel_values"], c["image_grid_thw"], **query_inputs(c))
             for c in (first, second)
         ]
     )
@@ -89,18 +70,11 @@ def test_a_batch_of_conversations_equals_each_alone(reference_model):
 def test_images_sharing_an_empty_query_attend_jointly(reference_model):
     """A mapping without query text groups images (joint encoding, no query tokens)."""
     case = reference_case("b")
-    joint = features(
+    joint = image_features(
         reference_model, case["pixel_values"], case["image_grid_thw"], image_to_query_mapping=torch.tensor([0, 0])
     )
-    separate = features(reference_model, case["pixel_values"], case["image_grid_thw"])
-    empty_joint = features(
-        reference_model,
-        case["pixel_values"],
-        case["image_grid_thw"],
-        query_ids=case["empty_query_ids"],
-        query_attention_mask=case["empty_query_attention_mask"],
-        image_to_query_mapping=case["image_to_query_mapping"],
-    )
+    separate = image_features(reference_model, case["pixel_values"], case["image_grid_thw"])
+    empty_joint = empty_query_features(reference_model, case)
     torch.testing.assert_close(joint, empty_joint)
     assert (joint - separate).abs().max() > 1e-3
 

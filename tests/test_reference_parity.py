@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REFERENCE, reference_case
+from conftest import REFERENCE, image_features, query_inputs, reference_case
 from safetensors import safe_open
 
 from vilavt import ViLaVTForConditionalGeneration
@@ -17,12 +17,8 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 VISION_CASES = ["a", "b", "c", "e"]
 
 
-def image_features(model, case, **overrides):
-    inputs = {k: case[k] for k in ("query_ids", "query_attention_mask", "image_to_query_mapping")}
-    inputs.update(overrides)
-    with torch.no_grad():
-        out = model.get_image_features(case["pixel_values"], case["image_grid_thw"], **inputs)
-    return torch.cat(out.pooler_output)
+def case_features(model, case, **overrides):
+    return image_features(model, case["pixel_values"], case["image_grid_thw"], **{**query_inputs(case), **overrides})
 
 
 def test_official_layout_loads_strictly(reference_folder):
@@ -37,12 +33,12 @@ def test_official_layout_loads_strictly(reference_folder):
 @pytest.mark.parametrize("name", VISION_CASES)
 def test_image_embeddings_match_reference(reference_model, name):
     case = reference_case(name)
-    torch.testing.assert_close(image_features(reference_model, case), case["image_embeds"], **TOL)
+    torch.testing.assert_close(case_features(reference_model, case), case["image_embeds"], **TOL)
 
 
 def test_empty_query_variant_matches_reference(reference_model):
     case = reference_case("b")
-    ours = image_features(
+    ours = case_features(
         reference_model, case, query_ids=case["empty_query_ids"], query_attention_mask=case["empty_query_attention_mask"]
     )
     torch.testing.assert_close(ours, case["image_embeds_empty_query"], **TOL)
@@ -100,7 +96,7 @@ def test_parity_holds_for_each_attention_backend(reference_folder, attn_implemen
     assert model.model.visual.config._attn_implementation == attn_implementation
     for name in ("c", "e"):
         case = reference_case(name)
-        torch.testing.assert_close(image_features(model, case), case["image_embeds"], **TOL)
+        torch.testing.assert_close(case_features(model, case), case["image_embeds"], **TOL)
 
 
 def test_packed_varlen_path_matches_reference(reference_folder):
@@ -121,7 +117,7 @@ def test_packed_varlen_path_matches_reference(reference_folder):
     model.model.visual.config._attn_implementation = "flash_varlen_cpu_reference"
     for name in VISION_CASES:
         case = reference_case(name)
-        torch.testing.assert_close(image_features(model, case), case["image_embeds"], **TOL)
+        torch.testing.assert_close(case_features(model, case), case["image_embeds"], **TOL)
 
 
 def test_save_pretrained_writes_the_official_layout(reference_model, tmp_path):
@@ -132,4 +128,4 @@ def test_save_pretrained_writes_the_official_layout(reference_model, tmp_path):
     assert saved == official
     reloaded = ViLaVTForConditionalGeneration.from_pretrained(tmp_path).eval()
     case = reference_case("b")
-    torch.testing.assert_close(image_features(reloaded, case), case["image_embeds"], **TOL)
+    torch.testing.assert_close(case_features(reloaded, case), case["image_embeds"], **TOL)

@@ -6,57 +6,14 @@ import re
 
 import pytest
 import torch
-from conftest import replay_live, run_python
-from PIL import Image, ImageDraw
+from conftest import TRAJECTORIES, replay_live, run_python
+from PIL import Image
 from transformers import LogitsProcessorList
 
 from vilavt import tiny_vilavt
 from vilavt.scripted import ScriptedPolicy, answer_text
 from vilavt.trajectories import TrajectoryCollator, TrajectoryError, build_episode, load_trajectories, runs_of_model_turns
 from vilavt.remote_code.protocol_vilavt import render_tool_call
-
-TRAJECTORIES = [
-    {
-        "id": "two-rounds",
-        "images": ["scene.png"],
-        "question": "What is in the red frame?",
-        "problem_type": "multiple choice",
-        "answer": "B",
-        "turns": [
-            {"thought": "too small", "query": "the red frame", "regions": [{"index": 0, "bbox_norm": [0.55, 0.55, 0.8, 0.8]}]},
-            {"thought": "closer", "query": "its centre", "regions": [{"index": 1, "bbox_2d": [0, 0, 28, 28]}]},
-            {"thought": "it is B", "answer": "B"},
-        ],
-    },
-    {
-        "id": "two-images",
-        "images": ["scene.png", "navy.png"],
-        "question": "Is the left one brighter?",
-        "problem_type": "judgment",
-        "answer": "yes",
-        "turns": [
-            {"thought": "compare", "query": "both", "regions": [{"index": 0, "bbox_2d": [0, 0, 56, 56]}, {"index": 1, "bbox_2d": [0, 0, 40, 40]}]},
-            {"thought": "yes", "answer": "yes"},
-        ],
-    },
-]
-
-
-def write_images(folder):
-    """The images TRAJECTORIES name: a scene with a red frame, and a navy one."""
-    scene = Image.new("RGB", (640, 480), "white")
-    ImageDraw.Draw(scene).rectangle((400, 300, 460, 350), outline="red", width=4)
-    scene.save(folder / "scene.png")
-    Image.new("RGB", (300, 500), "navy").save(folder / "navy.png")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trajectories")
-    write_images(folder)
-    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TRAJECTORIES))
-    return folder
-
 
 def base_config(data, output_dir, **extra):
     return dict(

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import TRAJECTORIES, data  # noqa: F401  (fixture)
+from conftest import TRAJECTORIES
 
 from vilavt import tiny_vilavt
 from vilavt.train.config import (
