@@ -4,6 +4,7 @@ batching, and bad input. Runs only in the vLLM environment: `python -m pytest --
 (scripts/vllm-env builds it; .ci/run does both)."""
 
 import os
+import re
 
 for key, value in {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -18,7 +19,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
-from test_chat_loop import BAD_CALLS, conversation, picture  # noqa: E402
+from conftest import conversation, picture  # noqa: E402
+from test_chat_loop import BAD_CALLS  # noqa: E402
+from test_generate_paths import Boost  # noqa: E402
+from test_loop_robustness import SPECIALS, hostile_turns  # noqa: E402
 from vilavt import tiny_vilavt  # noqa: E402
 from vilavt.scripted import ScriptedPolicy, answer_text, tool_call_text  # noqa: E402
 
@@ -250,6 +254,80 @@ def test_budgets_end_episodes_as_in_the_transformers_loop(checkpoint, engine, li
     assert_same_episode(reference.episodes[0], mine.episodes[0])
 
 
+def test_logprobs_are_the_policys_as_in_the_transformers_loop(checkpoint, engine):
+    """`output_logprobs`: log-softmax(logits / temperature) of each sampled token, before the logits processors and
+    the control-token ban — greedy: equal to the transformers loop's; sampled (temperature 0.7): equal to a full
+    forward of the transformers model over the vLLM episode."""
+    _, model, processor = checkpoint
+    sizes, script = SCENARIOS["two images, joint call"]
+    images = [scenario_images(sizes)]
+    reference = run_transformers(checkpoint, images, [script], output_logprobs=True)
+    mine, _ = run_vllm(engine, images, [script], output_logprobs=True)
+    assert_same_episode(reference.episodes[0], mine.episodes[0])
+    assert len(mine.logprobs[0]) == sum(mine.episodes[0].sampled)
+    torch.testing.assert_close(mine.logprobs[0], reference.logprobs[0], rtol=0, atol=1e-4)
+
+    sampled, _ = run_vllm(engine, images, [script], output_logprobs=True, do_sample=True, temperature=0.7, seed=3)
+    episode = sampled.episodes[0]
+    with torch.no_grad():
+        logits = model(**episode.model_inputs()).logits[0].float()
+    positions = torch.tensor([i for i, s in enumerate(episode.sampled) if s])
+    expected = torch.log_softmax(logits[positions - 1] / 0.7, dim=-1)[torch.arange(len(positions)), torch.tensor(episode.ids)[positions]]
+    torch.testing.assert_close(sampled.logprobs[0], expected, rtol=0, atol=1e-4)
+    assert not torch.allclose(sampled.logprobs[0], torch.log_softmax(logits[positions - 1], -1)[
+        torch.arange(len(positions)), torch.tensor(episode.ids)[positions]], atol=1e-3)  # the temperature counts
+
+
+def test_control_tokens_are_never_sampled(checkpoint, engine):
+    """The ban comes after every logits processor, as in the transformers loop: pushed far above everything, the
+    control tokens are still never sampled, and greedy decoding gives the transformers loop's tokens."""
+    _, _, processor = checkpoint
+    tokenizer = processor.tokenizer
+    control = [tokenizer.convert_tokens_to_ids(t) for t in
+               ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>", "<|im_start|>")]
+    images = [[picture()]]
+    inputs = prompt_inputs(processor, images)
+    boost = LogitsProcessorList([Boost(control)])
+    sampled = engine.generate(**inputs, logits_processor=boost, do_sample=True, temperature=2.0, seed=0,
+                              max_new_tokens=40, return_dict_in_generate=True).episodes[0]
+    tokens = [t for t, s in zip(sampled.ids, sampled.sampled) if s]
+    assert tokens and not set(tokens) & set(control)
+    _, model, _ = checkpoint
+    reference = model.generate(**inputs, processor=processor, logits_processor=boost, max_new_tokens=40,
+                               return_dict_in_generate=True).episodes[0]
+    mine = engine.generate(**inputs, logits_processor=boost, max_new_tokens=40, return_dict_in_generate=True).episodes[0]
+    assert mine.ids == reference.ids
+
+
+class FirstChoice:
+    """`hostile_turns`' random choices, pinned: the shortest lengths, `special` as the i-th special token."""
+
+    def __init__(self, special: int = 0):
+        self.special = special
+
+    def choice(self, options):
+        return SPECIALS[self.special] if options is SPECIALS else options[0]
+
+    def randrange(self, stop):
+        return 0
+
+
+@pytest.mark.parametrize("special", [0, 4])
+def test_hostile_tool_calls_get_the_same_responses(checkpoint, engine, special):
+    """The robustness suite's hostile turns (parser, tokenizer and renderer traps, control tokens spelled in the
+    text), one per conversation, all in flight together: every episode equals the transformers loop's."""
+    turns = hostile_turns(FirstChoice(special))
+    scripts = [[(1, turn), (1, answer_text("A"))] for turn in turns]
+    images = [[picture(seed=row)] for row in range(len(turns))]
+    reference = run_transformers(checkpoint, images, scripts, max_new_tokens=3000)
+    mine, _ = run_vllm(engine, images, scripts, max_new_tokens=3000)
+    errors = 0
+    for row in range(len(turns)):
+        assert_same_episode(reference.episodes[row], mine.episodes[row])
+        errors += any(r.error for r in mine.traces[row].rounds)
+    assert errors >= len(turns) // 2  # most of them are errors the model reads
+
+
 def test_chat_mirrors_the_model(checkpoint, engine, tmp_path):
     _, model, processor = checkpoint
     image = picture()
@@ -259,13 +337,15 @@ def test_chat_mirrors_the_model(checkpoint, engine, tmp_path):
     assert trace.save_png(tmp_path / "chat.png")
 
 
-def test_missing_entry_point_is_one_clear_error(monkeypatch):
+@pytest.mark.parametrize("group", ["vllm.general_plugins", "vllm.logits_processors"])
+def test_missing_entry_point_is_one_clear_error(monkeypatch, group):
     import importlib.metadata
 
-    from vilavt.vllm import VLLMBackendError, check_backend
+    from vilavt.vllm import ENTRY_POINTS, VLLMBackendError, check_backend
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
-    with pytest.raises(VLLMBackendError, match=r'vllm.general_plugins.*vilavt = vilavt.vllm:register'):
+    installed = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None, _missing=group: [] if group == _missing else installed(group=group))
+    with pytest.raises(VLLMBackendError, match=re.escape(f'"{group}"] {ENTRY_POINTS[group]}')):
         check_backend()
 
 

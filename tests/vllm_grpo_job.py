@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
 for key, value in {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -22,7 +23,7 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from conftest import write_images  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
 from vilavt import tiny_vilavt  # noqa: E402
@@ -44,9 +45,7 @@ def engine_weight(trainer, name: str) -> torch.Tensor:
 def main(folder: str, sync_weights: bool = True) -> dict:
     os.makedirs(folder, exist_ok=True)
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(folder, "vllm-cache"))
-    scene = Image.new("RGB", (640, 480), "white")
-    ImageDraw.Draw(scene).rectangle((400, 300, 460, 350), outline="red", width=4)
-    scene.save(os.path.join(folder, "scene.png"))
+    write_images(Path(folder))
     with open(os.path.join(folder, "train.jsonl"), "w") as file:
         file.writelines(json.dumps(row) + "\n" for row in ROWS)
     # The "demo" size: vLLM's CPU attention has no kernel for the "test" preset's head size (16).
