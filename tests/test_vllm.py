@@ -3,8 +3,12 @@ on scripted episodes, query-aware features, prefix-cache and encoder accounting 
 batching, and bad input. Runs only in the vLLM environment: `python -m pytest --vllm tests/test_vllm.py`
 (scripts/vllm-env builds it; .ci/run does both)."""
 
+import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 for key, value in {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -335,6 +339,33 @@ def test_chat_mirrors_the_model(checkpoint, engine, tmp_path):
     reference_answer, reference = model.chat(image, "What is in the red frame?", processor=processor, max_new_tokens=30)
     assert (answer, trace.text, trace.stop_reason) == (reference_answer, reference.text, reference.stop_reason)
     assert trace.save_png(tmp_path / "chat.png")
+
+
+def vilavt_cli(*args, tmp_path) -> str:
+    """The `vilavt` command of this environment, in a fresh process (its own vLLM engine), with the CPU settings."""
+    env = {**os.environ, "VLLM_USE_AOT_COMPILE": "0", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+           "VLLM_CONFIGURE_LOGGING": "0"}  # vLLM's log lines on stderr, not among the command's output
+    command = [str(Path(sys.executable).parent / "vilavt"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def test_cli_backend_vllm_answers_as_the_transformers_backend(tmp_path):
+    """`vilavt synth-eval` and `vilavt chat` on the shipped checkpoint: the same answers, rounds and accuracy with
+    `--backend vllm` as with the transformers model."""
+    evals = [
+        json.loads(vilavt_cli("synth-eval", "--n", "6", "--type", "single,multi", "--no-progress", *backend,
+                              tmp_path=tmp_path).strip().splitlines()[-1])
+        for backend in ([], ["--backend", "vllm"])
+    ]  # fmt: skip
+    assert evals[0] == evals[1] and evals[0]["n"] == 6
+    picture().save(tmp_path / "scene.png")
+    chats = [
+        vilavt_cli("chat", "--image", "scene.png", "--question", "What is in the red frame?", *backend, tmp_path=tmp_path)
+        for backend in ([], ["--backend", "vllm"])
+    ]
+    assert chats[0] == chats[1] and "answer:" in chats[0]
 
 
 @pytest.mark.parametrize("group", ["vllm.general_plugins", "vllm.logits_processors"])

@@ -12,7 +12,9 @@ turn: prompt tokens and prefix-cache hits as vLLM counted them).
 """
 
 import copy
+import json
 import os
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -39,14 +41,22 @@ _VLLM_UNSUPPORTED = {
 }  # fmt: skip
 
 
-def load_engine(model, *, dtype: str = "auto", max_model_len: int | None = None, max_images: int = 64, **llm_kwargs):
+def load_engine(model, *, dtype: str | None = None, max_model_len: int | None = None, max_images: int = 64,
+                **llm_kwargs):
     """A `vllm.LLM` for a ViLaVT checkpoint folder, set up for the chatting loop: prefix caching on,
     `max_images` image items per request, and the engine core in this process
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set: per-conversation logits processors and log-prob records
-    live here). Raises `VLLMBackendError` naming what is missing when vLLM or the plugin is not usable."""
+    live here). `dtype` defaults to the checkpoint's (vLLM's "auto" would run a float32 checkpoint in 16 bits,
+    unlike the transformers model). Raises `VLLMBackendError` naming what is missing when vLLM or the plugin is
+    not usable."""
     check_backend()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
+
+    if dtype is None:
+        config = Path(model) / "config.json"
+        saved = json.loads(config.read_text()) if config.is_file() else {}
+        dtype = saved.get("dtype") or saved.get("torch_dtype") or "auto"
 
     llm_kwargs.setdefault("enable_prefix_caching", True)
     llm_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images})
