@@ -380,6 +380,19 @@ def test_missing_entry_point_is_one_clear_error(monkeypatch, group):
         check_backend()
 
 
+def test_processors_need_the_engine_in_this_process(checkpoint, engine, monkeypatch):
+    """With vLLM's engine core in another process, the loop's registry (logits processors, log-prob records) is out
+    of its reach: one clear error before any request."""
+    import vilavt.vllm.loop
+    from vilavt.vllm import VLLMBackendError
+
+    monkeypatch.setattr(vilavt.vllm.loop, "in_process", lambda llm: False)
+    inputs = prompt_inputs(checkpoint[2], [[picture()]])
+    with pytest.raises(VLLMBackendError, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
+        engine.generate(**inputs, output_logprobs=True, max_new_tokens=5)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+
+
 def test_vllm_lacking_a_feature_is_one_clear_error(monkeypatch):
     import vllm
 

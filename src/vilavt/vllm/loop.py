@@ -25,6 +25,7 @@ from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from ..remote_code.generation_vilavt import ChatSession, Episode
 from ..remote_code.images_vilavt import pixels_to_images
 from ..remote_code.protocol_vilavt import ANSWER_CLOSE, TOOL_CLOSE
+from . import VLLMBackendError
 from . import logits as vllm_logits
 from .processing import authors_hashing_kwargs
 
@@ -227,6 +228,11 @@ class VLLMChatSession(ChatSession):
 
     def run(self, episodes: list[Episode], rows=None) -> list[Episode]:
         """Generate every episode to its end; `rows` (one per episode) feed `logits_processor_factory`."""
+        if (self.output_logprobs or self.shared_logits_processor or self.logits_processor_factory) and not in_process(self.llm):
+            raise VLLMBackendError(
+                "logits processors and output_logprobs on the vLLM loop need the engine core in this process "
+                "(VLLM_ENABLE_V1_MULTIPROCESSING=0, as vilavt.vllm.api.load_engine sets it)"
+            )
         self.run_id = next(_runs)
         self.requests: dict[str, int] = {}
         started = time.perf_counter()
@@ -268,6 +274,13 @@ class VLLMChatSession(ChatSession):
             trace.text = self.tokenizer.decode(ep.ids[ep.prompt_length :], skip_special_tokens=True)
             ep.vllm_requests = state.requests
         return episodes
+
+
+def in_process(llm) -> bool:
+    """Whether `llm`'s engine core runs in this process (where the loop's logits registry lives)."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    return isinstance(getattr(llm.llm_engine, "engine_core", None), InprocClient)
 
 
 def collapse_image_pads(ids: list[int], image_token_id: int) -> list[int]:
