@@ -262,7 +262,7 @@ def test_growing_cache_matches_dynamic_cache():
     holds, through growth, row selection (finished rows leave) and column pruning (shared padding)."""
     from transformers.cache_utils import DynamicCache
 
-    from vilavt.remote_code.generation_vilavt import GrowingCache
+    from vilavt.remote_code.cache_vilavt import GrowingCache
 
     torch.manual_seed(0)
     grown, reference = GrowingCache(), DynamicCache()
