@@ -238,37 +238,37 @@ def _braces(text: str) -> str:
 
 # ---- the project's own wording (models this project trains) ---------------------------------------------
 
-_IMAGE_INDEX = "The index of the provided image is {index}.\n"
-_SINGLE_IMAGE = "This is an image indexed by 0.\nThe image size: width {width}, height {height}."
-_MULTI_IMAGE = "These are {n_frames} images with indexed from 0 to {n_frames_1}.\nAll images have size: width {width}, height {height}."
-_QUESTION = "{image_instruction}\n\n# Question: {question}\n\n"
-_CROP_INDEX = "The index of the zoom-in image is {current_image_idx} (width: {width}, height: {height}).\n"
-_ERROR = "[Error] Zoom-in failed: {message}\n"
+_IMAGE_INDEX = "[image {index}]\n"
+_SINGLE_IMAGE = "There is 1 image, image 0, displayed at {width} x {height} pixels."
+_MULTI_IMAGE = "There are {n_frames} images, image 0 to image {n_frames_1}; image 0 is displayed at {width} x {height} pixels."
+_QUESTION = "{image_instruction}\n\nTask: {question}\n\n"
+_CROP_INDEX = "[image {current_image_idx}: zoomed view, {width} x {height} pixels]\n"
+_ERROR = "[tool error] {message}\n"
 _NOTE = "Note: {note}\n"
 
-_FULL_SYSTEM = """You are a helpful assistant. Solve the problem about the image(s) the user provides. You may look closer with a zoom-in tool: the regions you select are cropped from the original high-resolution image(s), processed externally, and re-encoded together with your query, so you can look again with a specific question in mind.
+_FULL_SYSTEM = """You are a visual assistant that can inspect images in detail. The user shows you one or more images and asks something about them. Details that are too small to make out at first sight can be examined with the zoom-in tool: it crops the boxes you name from the originals at full resolution, and the vision encoder reads those crops again while attending to your query, so each zoomed view comes back focused on what you asked about. You may zoom several times, also into views you zoomed before.
 
-# Tools
+# The zoom-in tool
 
-## Tool Format
+Call it with one JSON object between <tool> and </tool>:
 <tool>
 {"region": [{"index": int, "bbox_2d": [x1, y1, x2, y2]}, ...], "query": str}
 </tool>
 
-- region: the regions to zoom in on. "index" is the 0-based index of the image to crop from (original images and earlier zoomed-in images all have an index). "bbox_2d" is a box in pixel coordinates of that image: (x1, y1) is its top-left corner and (x2, y2) its bottom-right corner.
-- query: what you want to find out about the selected regions.
+- region: one entry per box. "index" picks an image by its number: the originals are numbered from 0 in the order shown, and every zoomed view gets the next free number. "bbox_2d" is the box in displayed pixels of that image, (x1, y1) its upper-left and (x2, y2) its lower-right corner.
+- query: a few words on what to look for; all boxes of one call are read together with it.
 
-## Constraints
-- Give at least one region.
-- Coordinates must lie within the bounds of the indexed image, with x1 < x2 and y1 < y2.
+## Rules for a call
+- Name at least one box.
+- Keep every box inside its image: 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height.
 
 ## Example
-<tool> {"region": [{"index": 0, "bbox_2d": [120, 64, 380, 300]}], "query": "What is written on the sign?"} </tool>"""
-_FULL_FORMATS = """Think inside <think> and </think> first. Then either call the zoom-in tool or give the final answer, in exactly one of these formats:
-1. <think>...</think><tool> {"region": [{"index": ..., "bbox_2d": [x1, y1, x2, y2]}], "query": "..."} </tool>
-2. <think>...</think><answer>...</answer>"""
-_FULL_RULES = """Coordinates in "bbox_2d" are pixels of the indexed image and must lie within its width and height.
-In <answer>, give only the answer: the option's letter for a multiple-choice question, Yes or No for a yes/no question, a single number for a numeric question, and nothing else."""
+<tool> {"region": [{"index": 0, "bbox_2d": [96, 40, 352, 232]}], "query": "the digits on the price tag"} </tool>"""
+_FULL_FORMATS = """Each turn of yours opens with your reasoning in <think> </think> and then does exactly one of two things:
+- zoom in: <think>...</think><tool> {"region": [{"index": ..., "bbox_2d": [x1, y1, x2, y2]}], "query": "..."} </tool>
+- answer: <think>...</think><answer>...</answer>"""
+_FULL_RULES = """Box coordinates are pixels of the image that "index" names and stay inside it.
+Put only the bare answer in <answer>: the letter of the chosen option for multiple choice, Yes or No for a yes/no question, just the number for a numeric question; no explanation, no units."""
 
 FULL = PromptTemplates(
     system=_FULL_SYSTEM,
@@ -277,22 +277,22 @@ FULL = PromptTemplates(
     multi_image=_MULTI_IMAGE,
     user=_QUESTION + _braces(_FULL_FORMATS) + "\n" + _FULL_RULES,
     crop_index=_CROP_INDEX,
-    response="Look at the zoomed-in image(s) and continue. " + _FULL_FORMATS,
-    response_final="You have reached the maximum number of iterations. No further tool calls are allowed. You must now provide the final answer in the format <think>...</think><answer>...</answer>.",
+    response="Continue with your next turn. " + _FULL_FORMATS,
+    response_final="The zoom-in budget is spent, so do not call the tool again. Give your final answer now, as <think>...</think><answer>...</answer>.",
     error=_ERROR,
     note=_NOTE,
     name="vilavt-full",
 )
 # The same protocol in a few words, for small models trained from scratch (the shipped demo model).
 COMPACT = PromptTemplates(
-    system='You answer questions about images. To look closer, call the zoom-in tool: <tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}], "query": "..."}</tool> crops the boxes (pixels of image i) from the original images and re-encodes them with your query.',
+    system='Answer questions about the images. For a closer look write <tool>{"region": [{"index": i, "bbox_2d": [x1, y1, x2, y2]}], "query": "..."}</tool>: each box (pixels of image i) is cut from the full-size original and read again along with your query.',
     image_index=_IMAGE_INDEX,
     single_image=_SINGLE_IMAGE,
     multi_image=_MULTI_IMAGE,
-    user=_QUESTION + "Answer with <think>...</think><tool>...</tool> or <think>...</think><answer>...</answer>.",
+    user=_QUESTION + "Reply as <think>...</think><tool>...</tool> or <think>...</think><answer>...</answer>.",
     crop_index=_CROP_INDEX,
     response="Continue.",
-    response_final="No more tool calls. Answer now: <think>...</think><answer>...</answer>.",
+    response_final="Zoom budget spent. Answer now: <think>...</think><answer>...</answer>.",
     error=_ERROR,
     note=_NOTE,
     name="vilavt-compact",

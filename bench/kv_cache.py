@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from common import build
-from vilavt.remote_code.generation_vilavt import GrowingCache
+from vilavt.remote_code.cache_vilavt import GrowingCache
 
 
 @torch.no_grad()

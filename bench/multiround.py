@@ -34,7 +34,8 @@ def limit(model, episode):
     """The same work as one episode, each part timed alone with no loop around it: prefill of the
     prompt, then per turn decode its sampled tokens one by one, encode the round's crops, prefill the
     tool-response tokens. Returns (prompt prefill seconds, everything-else seconds)."""
-    from vilavt.remote_code.generation_vilavt import Episode, GrowingCache, full_inputs
+    from vilavt.remote_code.cache_vilavt import GrowingCache
+    from vilavt.remote_code.generation_vilavt import Episode, full_inputs
 
     ids = episode.ids
     prompt = Episode(ids[: episode.prompt_length], episode.pixel_rows[:1], episode.grids[:1], episode.query_ids[:1],

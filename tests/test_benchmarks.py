@@ -18,7 +18,6 @@ from vilavt.benchmarks import (
     append_results,
     build_question,
     dry_run,
-    eval_main,
     load_benchmark,
     read_results,
     replace_image_tags,
@@ -75,7 +74,7 @@ def test_every_sample_item_becomes_a_question(path):
 
 @pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.stem)
 def test_dry_run_reports_no_errors_on_the_samples(path, tmp_path, capsys):
-    assert eval_main(["--benchmark", str(path), "--image-root", str(tmp_path / "nowhere"), "--dry-run"]) == 0
+    assert main(["eval", "--benchmark", str(path), "--image-root", str(tmp_path / "nowhere"), "--dry-run"]) == 0
     report = last_json_line(capsys.readouterr().out)
     records = raw_items(path)
     assert report == {
@@ -166,7 +165,7 @@ def test_unknown_problem_type_is_named(tmp_path, capsys):
     path = benchmark_file(tmp_path, [mc(1), mc(2, problem_type="essay"), mc(3)])
     with pytest.raises(BenchmarkError, match=r"item 1 \(question_id 2\) .*unknown problem_type 'essay'"):
         load_benchmark(path)
-    assert eval_main(["--benchmark", str(path), "--image-root", str(tmp_path), "--dry-run"]) == 0
+    assert main(["eval", "--benchmark", str(path), "--image-root", str(tmp_path), "--dry-run"]) == 0
     assert last_json_line(capsys.readouterr().out) == {"items": 3, "parsed": 2, "missing_images": 2, "errors": 1}
     with pytest.raises(ValueError, match="unknown problem_type 'essay'"):
         score_benchmark_answer("A", "A", "essay")
@@ -540,7 +539,7 @@ def test_vilavt_eval_end_to_end_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     argv = ["--benchmark", str(path), "--image-root", str(tmp_path / "images"), "--model", "tiny:0",
             "--batch-size", "2", "--max-rounds", "2", "--max-new-tokens", "40", "--out", str(out), "--no-progress"]
-    assert eval_main(argv) == 0
+    assert main(["eval", *argv]) == 0
     printed = capsys.readouterr().out
     summary = last_json_line(printed)
     assert summary["items"] == 3 and summary["samples"] == 3 and summary["errors"] == 0
@@ -558,4 +557,4 @@ def test_vilavt_eval_end_to_end_on_the_tiny_model(tmp_path, capsys):
 
 def test_eval_needs_a_model_unless_dry_run(tmp_path):
     with pytest.raises(SystemExit):
-        eval_main(["--benchmark", str(SAMPLES / "ERQA.json"), "--image-root", str(tmp_path)])
+        main(["eval", "--benchmark", str(SAMPLES / "ERQA.json"), "--image-root", str(tmp_path)])

@@ -133,7 +133,7 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_3.
 UPLOADED = sorted(
     ["README.md", "chat_template.jinja", "config.json", "configuration_vilavt.py", "generation_config.json",
      "generation_vilavt.py", "images_vilavt.py", "model.safetensors", "modeling_vilavt.py", "processing_vilavt.py", "processor_config.json",
-     "prompt_templates.json", "prompts_vilavt.py", "protocol_vilavt.py", "query_tokenizer/tokenizer.json", "query_tokenizer/tokenizer_config.json", "regions_vilavt.py",
+     "prompt_templates.json", "prompts_vilavt.py", "protocol_vilavt.py", "query_tokenizer/tokenizer.json", "query_tokenizer/tokenizer_config.json", "regions_vilavt.py", "cache_vilavt.py",
      "tokenizer.json", "tokenizer_config.json", "trace_vilavt.py"]
 )  # fmt: skip
 
@@ -165,7 +165,7 @@ def test_push_uploads_exactly_the_checkpoint(checkpoint):
 
 def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="missing configuration_vilavt.py, .*modeling_vilavt.py, processing_vilavt.py, prompts_vilavt.py"):
+    with pytest.raises(ValueError, match="missing cache_vilavt.py, configuration_vilavt.py, .*modeling_vilavt.py, processing_vilavt.py, prompts_vilavt.py"):
         push(tmp_path, "someone/x", dry_run=True)
 
 

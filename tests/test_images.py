@@ -85,7 +85,7 @@ def test_extreme_images_go_through_the_chat_template_and_the_processor(tiny, tmp
     inputs = chat_inputs(processor, conversation([{"type": "image", "image": str(path)}]))
     text = processor.tokenizer.decode(inputs["input_ids"][0])
     shown = encoded_size(inputs)
-    assert f"The image size: width {shown[0]}, height {shown[1]}." in text
+    assert f"displayed at {shown[0]} x {shown[1]} pixels." in text
     # A PIL image straight to the processor: encoded, not a bare ValueError.
     direct = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[stripes((10, 9_000))])
     width, height = encoded_size(direct)
@@ -128,7 +128,7 @@ def scripted_eval_model(model, monkeypatch, answer="A"):
     def wrapped(**kwargs):
         processor = kwargs["processor"]
         prompts = processor.tokenizer.batch_decode(kwargs["input_ids"])
-        calls.append([prompt.split("# Question: ")[1].split("\n")[0] for prompt in prompts])
+        calls.append([prompt.split("Task: ")[1].split("\n")[0] for prompt in prompts])
         policy = ScriptedPolicy(processor.tokenizer, [[answer_text(answer)] for _ in prompts])
         return generate(**kwargs, logits_processor=LogitsProcessorList([policy]))
 

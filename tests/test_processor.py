@@ -8,6 +8,7 @@ from conftest import conversation
 from PIL import Image
 
 from vilavt.remote_code.processing_vilavt import ImageLoadError, open_image
+from vilavt.remote_code.prompts_vilavt import FULL
 
 
 def red(size=(300, 200)):
@@ -24,10 +25,10 @@ def test_system_prompt_and_first_turn(tiny):
     assert system.startswith("<|im_start|>system\n")
     assert '{"region": [{"index": int, "bbox_2d": [x1, y1, x2, y2]}, ...], "query": str}' in system
     assert text.count("<|image_pad|>") == 2
-    assert "<|vision_end|>The index of the provided image is 0.\n" in user
-    assert "<|vision_end|>The index of the provided image is 1.\n" in user
-    assert "These are 2 images with indexed from 0 to 1.\nAll images have size: width " in user
-    assert "\n\n# Question: Which is larger?\n\n" in user
+    assert "<|vision_end|>[image 0]\n" in user and "<|vision_end|>[image 1]\n" in user
+    assert user.startswith("<|vision_start|>")  # each image first, then its index line
+    assert "There are 2 images, image 0 to image 1; image 0 is displayed at " in user
+    assert " pixels.\n\nTask: Which is larger?\n\n" in user
     assert "<think>...</think><answer>...</answer>" in user
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
@@ -39,7 +40,7 @@ def test_single_image_states_its_displayed_size(tiny):
     (shown,) = processor.fit_originals([image])
     assert shown.width % 28 == 0 and shown.height % 28 == 0
     assert shown.width * shown.height <= processor.max_pixels
-    assert f"This is an image indexed by 0.\nThe image size: width {shown.width}, height {shown.height}." in text
+    assert f"There is 1 image, image 0, displayed at {shown.width} x {shown.height} pixels." in text
 
 
 def test_originals_share_the_pixel_budget(tiny):
@@ -86,16 +87,15 @@ def test_tool_turns(tiny):
         {"role": "assistant", "content": '<think>look</think><tool>{"region": [], "query": "q"}</tool>'},
         {"role": "tool", "content": [{"type": "image", "image": crop}]},
         {"role": "assistant", "content": "<think>again</think><tool>bad</tool>"},
-        {"role": "tool", "content": [{"type": "text", "text": "[Error] Zoom-in failed: bad JSON.\n"}], "final": True},
+        {"role": "tool", "content": [{"type": "text", "text": "[tool error] bad JSON.\n"}], "final": True},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     turns = text.split("<|im_start|>")
     assert turns[3] == 'assistant\n<think>look</think><tool>{"region": [], "query": "q"}</tool><|im_end|>\n'
     assert turns[4].startswith("user\n<tool_response><|vision_start|><|image_pad|><|vision_end|>")
-    assert "The index of the zoom-in image is 2 (width: 112, height: 84).\n" in turns[4]
-    assert turns[4].endswith("</tool_response><|im_end|>\n")
-    assert "Look at the zoomed-in image(s) and continue." in turns[4]
-    assert turns[6].startswith("user\n<tool_response>[Error] Zoom-in failed: bad JSON.\nYou have reached the maximum")
+    assert "<|vision_end|>[image 2: zoomed view, 112 x 84 pixels]\n" in turns[4]
+    assert turns[4].endswith(FULL.response + "</tool_response><|im_end|>\n")
+    assert turns[6] == f"user\n<tool_response>[tool error] bad JSON.\n{FULL.response_final}</tool_response><|im_end|>\n"
     assert turns[7] == "assistant\n"
 
 
@@ -223,4 +223,4 @@ def test_images_above_the_budgets_keep_their_displayed_size(tiny):
     _, rows, cols = out["image_grid_thw"][0].tolist()
     assert (cols * 14, rows * 14) == shown.size
     text = processor.apply_chat_template(conversation([image], QUESTION), max_pixels=budget)
-    assert f"width {shown.width}, height {shown.height}" in text
+    assert f"displayed at {shown.width} x {shown.height} pixels" in text

@@ -1,6 +1,7 @@
 """Prompts are checkpoint data: the authors' wording, imported from a stand-in of their repository, renders
-byte for byte what their assembly code built (golden renders); the project's own wording renders what it did
-before the wording became data; templates survive save -> fresh-process load; bad REPOs get one-line errors."""
+byte for byte what their assembly code built (golden renders); the project's own wording renders its pinned
+bytes (the shipped checkpoint was trained on them); templates survive save -> fresh-process load; bad REPOs get
+one-line errors."""
 
 import dataclasses
 import json
@@ -17,7 +18,7 @@ from vilavt.cli import main as vilavt_main
 from vilavt.demo import SHIPPED
 from vilavt.prompts import PromptImportError, import_authors_prompts, write_prompts
 from vilavt.remote_code.generation_vilavt import tool_response
-from vilavt.remote_code.processing_vilavt import ViLaVTProcessor
+from vilavt.remote_code.processing_vilavt import CHAT_TEMPLATE, ViLaVTProcessor
 from vilavt.remote_code.prompts_vilavt import (
     COMPACT,
     FULL,
@@ -34,7 +35,6 @@ AUTHORS = FIXTURES / "authors-behaviour" / "prompts"
 STANDIN = AUTHORS / "standin"
 GOLDEN = {case["case"]: case for case in json.loads((AUTHORS / "golden.json").read_text(encoding="utf-8"))}
 PINNED = json.loads((FIXTURES / "project-prompts" / "pinned_renders.json").read_text(encoding="utf-8"))
-LEGACY_TEMPLATE = (FIXTURES / "project-prompts" / "legacy_chat_template.jinja").read_text(encoding="utf-8")
 
 RL_FIRST = sorted(name for name in GOLDEN if name.startswith("rl_first_"))
 TOOL = sorted(name for name in GOLDEN if name.startswith("tool_"))
@@ -296,15 +296,16 @@ def test_the_loop_follows_on_error(on_error):
     else:
         assert trace.stop_reason == "answer" and trace.answer == "A"
         expected = processor.prompts.response_final if on_error == "final" else processor.prompts.response
-        assert "[Error] Zoom-in failed: " in text and expected + "</tool_response>" in text
+        assert "<tool_response>[tool error] " + trace.rounds[0].error + "\n" in text
+        assert expected + "</tool_response>" in text
 
 
-# ---- the project's own wording: unchanged, except the newline between the two format blocks -------------
+# ---- the project's own wording: pinned (tests/fixtures/project-prompts/make_pinned_renders.py) ------------
 
 
-def test_the_shipped_demo_renders_the_same_token_ids_as_before():
-    """The compact wording of the shipped checkpoint, through the processor and through the loop's tool
-    responses, gives the text and token ids the chat template gave before prompts became data."""
+def test_the_shipped_demo_renders_its_pinned_text_and_token_ids():
+    """The compact wording of the shipped checkpoint (its `prompt_templates.json`), through the processor and
+    through the loop's tool responses, gives the pinned text and token ids: the bytes it was trained on."""
     processor = ViLaVTProcessor.from_pretrained(SHIPPED)
     assert processor.prompts == COMPACT
     pinned = PINNED["compact_shipped"]
@@ -327,14 +328,31 @@ def test_the_shipped_demo_renders_the_same_token_ids_as_before():
     assert processor.apply_chat_template(messages, **TOKENIZE)["input_ids"][0].tolist() == pinned["sequence"]["ids"]
 
 
-def test_a_folder_saved_before_templates_renders_as_before(tmp_path):
-    """A checkpoint saved with the old chat template (the wording inside it) and no templates file: its
-    `prompt_style` default, the same token ids."""
+# The shape of a chat template saved before prompt text became data: it held the wording itself and read
+# `prompt_style` (the words here are placeholders).
+LEGACY_LOOKING = """{%- set system_prompt -%}
+{%- if prompt_style == 'compact' -%}OLD COMPACT WORDS{%- else -%}OLD FULL WORDS{%- endif -%}
+{%- endset -%}
+{%- for message in messages -%}<|im_start|>{{ message['role'] }}
+OLD TURN<|im_end|>
+{% endfor -%}"""
+
+
+def test_a_legacy_chat_template_is_replaced_by_the_assembler(tmp_path):
+    """A checkpoint saved with a chat template that carries its own wording and no templates file: the
+    assembler replaces the template and the default wording of its `prompt_style` renders."""
     folder = tmp_path / "old"
     shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("*.safetensors", PROMPTS_FILE))
-    (folder / "chat_template.jinja").write_text(LEGACY_TEMPLATE, encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(LEGACY_LOOKING, encoding="utf-8")
     processor = ViLaVTProcessor.from_pretrained(folder)
-    assert processor.prompts == COMPACT and "prompt_style" not in processor.chat_template
+    assert processor.prompts == COMPACT and processor.chat_template == CHAT_TEMPLATE
+    direct = ViLaVTProcessor(processor.image_processor, processor.tokenizer, processor.query_tokenizer,
+                             chat_template=LEGACY_LOOKING, prompt_style="full")  # fmt: skip
+    assert direct.prompts == FULL and direct.chat_template == CHAT_TEMPLATE
+    # Only a template with both marks is taken for a legacy one: any other template is the caller's.
+    own = "{%- set system_prompt -%}{%- endset -%}{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    assert ViLaVTProcessor(processor.image_processor, processor.tokenizer, processor.query_tokenizer,
+                           chat_template=own).chat_template == own  # fmt: skip
     case = PINNED["compact_shipped"]["first_turns"][1]
     out = processor.apply_chat_template(
         [user_turn([image(s) for s in case["sizes"]], case["question"])], add_generation_prompt=True, **TOKENIZE
@@ -342,22 +360,19 @@ def test_a_folder_saved_before_templates_renders_as_before(tmp_path):
     assert out["input_ids"][0].tolist() == case["ids"]
 
 
-def test_full_wording_is_unchanged_but_for_the_newline_between_its_format_blocks():
+def test_full_wording_renders_its_pinned_text():
     processor = tiny_processor(crop_max_pixels=224 * 224)
     assert processor.prompts == FULL
     pinned = PINNED["full_tiny"]
-    fixed = ("</answer>Coordinates in", "</answer>\nCoordinates in")
     for case in pinned["first_turns"]:
         messages = [user_turn([image(s) for s in case["sizes"]], case["question"])]
-        assert case["text"].count(fixed[0]) == 1
-        assert processor.apply_chat_template(messages, add_generation_prompt=True) == case["text"].replace(*fixed)
+        assert processor.apply_chat_template(messages, add_generation_prompt=True) == case["text"]
     for case in pinned["tool_turns"]:
         crops = [image(s) for s in case["crops"]]
         message = tool_message(crops, case["first_index"], case["final"], case["error"], case["notes"])
         closing = "\n" if case["closed"] else "<|im_end|>\n"
         assert closing + processor.apply_chat_template([message], add_generation_prompt=True) == case["text"]
-    expected = pinned["sequence"]["text"]
-    assert processor.apply_chat_template(pinned_conversation(pinned["sequence"])) == expected.replace(*fixed)
+    assert processor.apply_chat_template(pinned_conversation(pinned["sequence"])) == pinned["sequence"]["text"]
 
 
 def test_tool_message_shapes():
@@ -366,11 +381,11 @@ def test_tool_message_shapes():
     assert message["role"] == "tool" and message["final"] is True and message["notes"] == ["n"]
     assert message["content"] == [{"type": "image", "image": crop, "index": 3, "width": 56, "height": 84}]
     texts = [item["text"] for item in COMPACT.tool_response_content(message, 3) if item["type"] == "text"]
-    assert texts == ["<tool_response>", "The index of the zoom-in image is 3 (width: 56, height: 84).\n", "Note: n\n",
+    assert texts == ["<tool_response>", "[image 3: zoomed view, 56 x 84 pixels]\n", "Note: n\n",
                      COMPACT.response_final + "</tool_response>"]  # fmt: skip
     error = tool_message(error="bad")
     assert error["error"] == "bad" and error["content"] == []
-    assert COMPACT.tool_response_content(error, 0)[1] == {"type": "text", "text": "[Error] Zoom-in failed: bad\n"}
+    assert COMPACT.tool_response_content(error, 0)[1] == {"type": "text", "text": "[tool error] bad\n"}
 
 
 # ---- files: save -> fresh process, templates validation ---------------------------------------------------

@@ -15,14 +15,15 @@ Files must be UTF-8. Field types are checked when the file is loaded (`FIELD_TYP
 string, answer a string or a number, options a list of strings, ...); a wrong one is an error naming the
 file, the item and the field, and `--dry-run` counts the item among its errors.
 
-Questions (REFERENCE.md §2.1, the reference's HF evaluator): for a multiple-choice item with an options
-list, the options are appended, one per line; then the problem type's instruction, on its own line
-(multiple choice: "Answer with the option's letter from the given choices directly."; numerical and
-regression: "Please answer the question using a single word or phrase (e.g., 42 or 3.14)."; none for vci).
+Questions (the layout of the reference's HF evaluator, REFERENCE.md §2.1): for a multiple-choice item with
+an options list, the options are appended, one per line; then the problem type's instruction, on its own line
+(this project's wording, `INSTRUCTIONS`: multiple choice, numerical and regression; none for vci). A mapping
+of problem type -> instruction replaces them (`run_eval(..., instructions=...)`, `vilavt eval --instructions
+FILE.json`), e.g. to ask with the wording of the reference's evaluator when reproducing its numbers.
 As in the reference, ERQA gets no instruction: its questions already end with one.
 
 ERQA's `<image>` tags: the reference interleaves images and text at the tags, but the ViLaVT chat template
-shows all images first, each followed by "The index of the provided image is i.". So the images keep
+shows all images first, each followed by its index line. So the images keep
 their order and the k-th tag (0-based) becomes the reference "[image k]" in the text. `visual_indices`,
 when given, are the tags' character offsets in the tag-free question; a mismatch is logged.
 
@@ -59,7 +60,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arguments import CommandParser, int_at_least, positive_float
 from .errors import InputError
 from .remote_code.processing_vilavt import ImageLoadError, open_image
 from .rewards import ANSWER_RE, mean_relative_accuracy, problem_kind, score_answer
@@ -67,8 +67,8 @@ from .validation import decode_json, read_text
 
 logger = logging.getLogger(__name__)
 
-MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-NUMBER_INSTRUCTION = "Please answer the question using a single word or phrase (e.g., 42 or 3.14)."
+MULTIPLE_CHOICE_INSTRUCTION = "Reply with the letter of the correct option only."
+NUMBER_INSTRUCTION = "Reply with the number alone, for example 7 or 0.25."
 INSTRUCTIONS = {
     "multiple choice": MULTIPLE_CHOICE_INSTRUCTION,
     "numerical": NUMBER_INSTRUCTION,
@@ -181,16 +181,36 @@ def adds_instruction(benchmark: str) -> bool:
     return not any(name in benchmark.lower() for name in NO_INSTRUCTION_BENCHMARKS)
 
 
-def build_question(question: str, problem_type: str, options: list | None = None, instruction: bool = True) -> str:
+def build_question(
+    question: str, problem_type: str, options: list | None = None, instruction: bool = True, instructions=None
+) -> str:
     """The question as the model is asked it (REFERENCE.md §2.1): options of a multiple-choice item one per
-    line, then the problem type's instruction; `<image>` tags must have been replaced already."""
+    line, then the problem type's instruction (from `instructions`, problem type -> text, default
+    `INSTRUCTIONS`; a type it lacks gets none); `<image>` tags must have been replaced already."""
     kind = canonical_problem_type(problem_type)
+    instructions = INSTRUCTIONS if instructions is None else instructions
     text = question
     if kind == "multiple choice" and options is not None:
         text += "\n" + "\n".join(str(option) for option in options)
-    if instruction and kind in INSTRUCTIONS:
-        text += "\n" + INSTRUCTIONS[kind]
+    if instruction and instructions.get(kind):
+        text += "\n" + instructions[kind]
     return text
+
+
+def load_instructions(path) -> dict[str, str]:
+    """A JSON object of problem type -> instruction (e.g. {"multiple choice": "...", "numerical": "..."}), the
+    types canonical; a `BenchmarkError` naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BenchmarkError(f"{path}: not a readable JSON instructions file ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(text, str) for text in data.values()):
+        raise BenchmarkError(f"{path}: expected a JSON object of problem type -> instruction text")
+    try:
+        return {canonical_problem_type(kind): text for kind, text in data.items()}
+    except ValueError as err:
+        raise BenchmarkError(f"{path}: {err}") from None
 
 
 def replace_image_tags(question: str) -> str:
@@ -278,7 +298,7 @@ def category_of(record: dict, benchmark: str) -> str:
     return category
 
 
-def parse_item(record: dict, benchmark: str, position: int) -> Item:
+def parse_item(record: dict, benchmark: str, position: int, instructions=None) -> Item:
     """One raw item as an `Item`; a ValueError says what is wrong (the caller adds file and id)."""
     for field in ("question", "answer", "problem_type"):
         if record.get(field) is None:
@@ -306,7 +326,7 @@ def parse_item(record: dict, benchmark: str, position: int) -> Item:
         id=str(position if record.get("question_id") is None else record["question_id"]),
         benchmark=benchmark,
         images=images,
-        question=build_question(question, kind, options, instruction=adds_instruction(benchmark)),
+        question=build_question(question, kind, options, adds_instruction(benchmark), instructions),
         answer=str(record["answer"]),
         problem_type=kind,
         category=category_of(record, benchmark),
@@ -318,13 +338,14 @@ def item_label(record: dict, position: int) -> str:
     return f"item {position}" + (f" (question_id {record['question_id']!r})" if "question_id" in record else "")
 
 
-def load_benchmark(path) -> list[Item]:
-    """The items of a benchmark file; a corrupt file or item is a `BenchmarkError` naming the file (and item)."""
+def load_benchmark(path, instructions=None) -> list[Item]:
+    """The items of a benchmark file (`instructions`: see `build_question`); a corrupt file or item is a
+    `BenchmarkError` naming the file (and item)."""
     benchmark = benchmark_name(path)
     items = []
     for position, record in enumerate(read_benchmark_records(path)):
         try:
-            items.append(parse_item(record, benchmark, position))
+            items.append(parse_item(record, benchmark, position, instructions))
         except ValueError as err:
             raise BenchmarkError(f"{path}: {item_label(record, position)} {err}") from None
     return make_ids_unique(items)
@@ -786,6 +807,7 @@ def run_eval(
     do_sample: bool | None = None,
     max_pixels: int | None = None,
     prediction: str = "response",
+    instructions=None,
     **generate_kwargs,
 ) -> dict:
     """Evaluate `model` on a benchmark file through its chatting loop; returns `summarize(...)`.
@@ -800,10 +822,12 @@ def run_eval(
         max_new_tokens, do_sample, generate_kwargs: passed to `model.generate` (e.g. temperature).
         max_pixels: the originals' shared pixel budget (default: the processor's).
         prediction: what the metric scores, "response" or "answer" (see `generate_rows`).
+        instructions: problem type -> the instruction after the question (default `INSTRUCTIONS`; see
+            `build_question`).
     """
     if batch_size < 1 or avg_k < 1:
         raise ValueError(f"batch_size and avg_k must be at least 1, got {batch_size} and {avg_k}")
-    items = load_benchmark(benchmark_path)[:limit]
+    items = load_benchmark(benchmark_path, instructions)[:limit]
     image_root = Path(benchmark_path).parent if image_root is None else image_root
     records = read_results(out_path, benchmark_name(benchmark_path)) if out_path else {}
     pending = pending_pairs(items, records, avg_k)
@@ -861,58 +885,6 @@ def default_out_path(benchmark_path, model: str) -> Path:
     return Path(f"{benchmark_name(benchmark_path)}.{tag}.results.jsonl")
 
 
-def eval_argument_parser() -> CommandParser:
-    parser = CommandParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
-    parser.add_argument("--benchmark", required=True, help="benchmark JSON (or JSONL) file")
-    parser.add_argument("--image-root", required=True, help="folder the benchmark's image paths are relative to")
-    parser.add_argument("--model", help="checkpoint folder, or tiny / tiny:SEED (required unless --dry-run)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=1)
-    parser.add_argument("--max-rounds", type=int_at_least(0), default=5, help="tool calls allowed per answer")
-    parser.add_argument("--avg-k", type=int_at_least(1), default=1,
-                        help="samples per item (Avg@k; sampling when k > 1)")  # fmt: skip
-    parser.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N items")
-    parser.add_argument("--out", default=None, help="results JSONL (resumable; default BENCHMARK.MODEL.results.jsonl)")
-    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="all new tokens of one answer")
-    parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
-    parser.add_argument("--max-pixels", type=int_at_least(1), default=None,
-                        help="pixel budget the original images share")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
-    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
-                        help="vllm: the chatting loop on a vLLM engine (vilavt.vllm)")  # fmt: skip
-    return parser
-
-
-def eval_main(argv: list[str]) -> int:
-    """`vilavt eval`: prints the per-category table, then the JSON summary as the last line (with
-    --dry-run, only the dry-run JSON). Bad input raises (`vilavt.cli.main` shows it as one line)."""
-    parser = eval_argument_parser()
-    args = parser.parse_args(argv)
-    if not args.dry_run and not args.model:
-        parser.error("--model is required (or use --dry-run)")
-    if args.dry_run:
-        print(json.dumps(dry_run(args.benchmark, args.image_root)))
-        return 0
-    out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
-    # A broken results or benchmark file fails before the model loads (run_eval reads them again, and warns).
-    read_results(out, benchmark_name(args.benchmark), warn=False)
-    load_benchmark(args.benchmark)
-    from .demo import load
-
-    model, processor = load(args.model, args.backend)
-    generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
-    summary = run_eval(
-        args.benchmark, args.image_root, model, processor,
-        batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
-        out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
-        max_pixels=args.max_pixels, **generate_kwargs,
-    )  # fmt: skip
-    print(format_table(summary))
-    print(f"results: {out}")
-    print(json.dumps(summary, ensure_ascii=False))
-    return 0
-
-
 __all__ = [
     "Item",
     "BenchmarkError",
@@ -920,6 +892,7 @@ __all__ = [
     "read_benchmark_records",
     "parse_item",
     "build_question",
+    "load_instructions",
     "replace_image_tags",
     "canonical_problem_type",
     "score_benchmark_answer",
@@ -934,5 +907,4 @@ __all__ = [
     "read_results",
     "run_eval",
     "dry_run",
-    "eval_main",
 ]

@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 
-from .arguments import CommandParser, choice_list, int_at_least, int_list
+from .arguments import CommandParser, choice_list, int_at_least, int_list, positive_float
 
 
 def _train(stage: str, argv: list[str]) -> int:
@@ -182,9 +182,60 @@ def _export(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .benchmarks import eval_main
+    """Prints the per-category table, then the JSON summary as the last line (with --dry-run, only the
+    dry-run JSON)."""
+    parser = CommandParser(prog="vilavt eval", description="Evaluate a ViLaVT model on a benchmark file")
+    parser.add_argument("--benchmark", required=True, help="benchmark JSON (or JSONL) file")
+    parser.add_argument("--image-root", required=True, help="folder the benchmark's image paths are relative to")
+    parser.add_argument("--model", help="checkpoint folder, or tiny / tiny:SEED (required unless --dry-run)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1)
+    parser.add_argument("--max-rounds", type=int_at_least(0), default=5, help="tool calls allowed per answer")
+    parser.add_argument("--avg-k", type=int_at_least(1), default=1,
+                        help="samples per item (Avg@k; sampling when k > 1)")  # fmt: skip
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N items")
+    parser.add_argument("--out", default=None, help="results JSONL (resumable; default BENCHMARK.MODEL.results.jsonl)")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="all new tokens of one answer")
+    parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
+    parser.add_argument("--max-pixels", type=int_at_least(1), default=None,
+                        help="pixel budget the original images share")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true", help="build every question and check images; no model")
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: the chatting loop on a vLLM engine (vilavt.vllm)")  # fmt: skip
+    parser.add_argument("--instructions", metavar="FILE.json",
+                        help="problem type -> instruction after the question (replaces this project's wording)")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not args.model:
+        parser.error("--model is required (or use --dry-run)")
+    from pathlib import Path
 
-    return eval_main(argv)
+    from .benchmarks import (
+        benchmark_name, default_out_path, dry_run, format_table, load_benchmark, load_instructions, read_results,
+        run_eval,
+    )  # fmt: skip
+
+    instructions = load_instructions(args.instructions) if args.instructions else None
+    if args.dry_run:
+        print(json.dumps(dry_run(args.benchmark, args.image_root)))
+        return 0
+    out = Path(args.out) if args.out else default_out_path(args.benchmark, args.model)
+    # A broken results or benchmark file fails before the model loads (run_eval reads them again, and warns).
+    read_results(out, benchmark_name(args.benchmark), warn=False)
+    load_benchmark(args.benchmark)
+    from .demo import load
+
+    model, processor = load(args.model, args.backend)
+    generate_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
+    summary = run_eval(
+        args.benchmark, args.image_root, model, processor,
+        batch_size=args.batch_size, max_rounds=args.max_rounds, avg_k=args.avg_k, limit=args.limit,
+        out_path=out, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
+        max_pixels=args.max_pixels, instructions=instructions, **generate_kwargs,
+    )  # fmt: skip
+    print(format_table(summary))
+    print(f"results: {out}")
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
 
 
 def _convert(argv: list[str]) -> int:

@@ -49,7 +49,12 @@ _CORPUS = [
     " ".join(_BOXES),
     "The bar is too small to see. Zoom in on the red frame. Still too small. Zoom in again. The bar is rising.",
     "Both bars are too small to see. Zoom in on both red frames. the bar inside the red frame. the bars inside the red frames",
-    "The index of the zoom-in image is 1 (width: 224, height: 224). Continue. No more tool calls. Answer now:",
+    *(  # the templates' lines as the model sees them, sizes and indices filled in
+        prompts.image_index.format(index=0) + prompts.single_image.format(width=112, height=112)
+        + prompts.multi_image.format(n_frames=2, n_frames_1=1, width=112, height=84)
+        + prompts.crop_index.format(current_image_idx=1, width=224, height=224)
+        for prompts in DEFAULT_PROMPTS.values()
+    ),
     "Which way does the bar inside the red frame point: vertical, horizontal, rising or falling? The bars are falling and vertical.",
     "Do the bars inside the red frames of image 0 and image 1 point the same way? yes no",
     "0123456789 0 1 2 3 4 5 6 7 8 9 10 11 12 100 255 512 1024",
