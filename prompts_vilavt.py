@@ -314,6 +314,8 @@ def as_prompts(value) -> PromptTemplates:
         return PromptTemplates.from_dict(value)
     if isinstance(value, (str, os.PathLike)):
         return PromptTemplates.load(value)
+    if callable(getattr(value, "to_dict", None)):  # the same class from the other copy of this module
+        return PromptTemplates.from_dict(value.to_dict())  # (the `vilavt` package's vs a checkpoint's remote code)
     raise TypeError(f"prompt templates must be a PromptTemplates, a dict or a path, got {type(value).__name__}")
 
 

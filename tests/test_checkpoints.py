@@ -193,6 +193,19 @@ def test_a_dry_run_writes_nothing_and_lists_the_card_it_would_add(checkpoint, ca
     assert (checkpoint / "README.md").read_text() == "my own card"
 
 
+def test_push_warns_before_publishing_the_authors_wording(checkpoint, caplog):
+    import json
+
+    templates = checkpoint / "prompt_templates.json"
+    with caplog.at_level("WARNING", logger="vilavt.hub"):
+        push(checkpoint, "someone/x", dry_run=True)
+    assert not caplog.records  # the project's own wording
+    templates.write_text(json.dumps({**json.loads(templates.read_text()), "name": "authors-rl"}))
+    with caplog.at_level("WARNING", logger="vilavt.hub"):
+        push(checkpoint, "someone/x", dry_run=True)
+    assert "authors' prompt wording" in caplog.text and "no licence" in caplog.text
+
+
 def card_metadata(text: str) -> dict:
     from huggingface_hub import ModelCard
 

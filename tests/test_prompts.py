@@ -411,10 +411,14 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 text = processor.apply_chat_template(case["messages"], add_generation_prompt=True, max_pixels=case["max_pixels"])
 open(folder + "/rendered.txt", "w", encoding="utf-8").write(text)
 print(type(processor).__name__, processor.prompts.name, processor.prompts.on_error, type(processor).__module__)
+from vilavt.remote_code.prompts_vilavt import COMPACT  # the package's class, not the folder's copy of it
+other = AutoProcessor.from_pretrained(folder, trust_remote_code=True, prompt_templates=COMPACT)
+print(type(other.prompts) is not type(COMPACT), other.prompts.to_dict() == COMPACT.to_dict())
 """
     )
     assert out.split()[:3] == ["ViLaVTProcessor", "authors-rl", "final"]
     assert not out.split()[3].startswith("vilavt.")  # the folder's own remote code
+    assert out.split()[4:6] == ["True", "True"]  # templates cross between the two copies of the code
     assert (tmp_path / "rendered.txt").read_text(encoding="utf-8") == case["rendered"]
 
 

@@ -84,6 +84,15 @@ def check_folder(folder) -> None:
     check_checkpoint(folder)
 
 
+def carries_authors_wording(folder) -> bool:
+    """Whether the folder's prompt templates were imported from the authors' code (their `name`: `authors-*`)."""
+    path = Path(folder) / "prompt_templates.json"
+    if not path.is_file():
+        return False
+    templates = read_json(path)
+    return isinstance(templates, dict) and str(templates.get("name", "")).startswith("authors-")
+
+
 def push(folder, repo_id: str, private: bool = False, commit_message: str = "Upload ViLaVT", dry_run: bool = False,
          api=None, base_model: list[str] | None = None) -> list[str]:  # fmt: skip
     """Upload a checkpoint folder, adding the model card as README.md when it has none (`base_model`: the
@@ -92,6 +101,13 @@ def push(folder, repo_id: str, private: bool = False, commit_message: str = "Upl
     folder = Path(folder)
     check_folder(folder)
     files = files_to_upload(folder)
+    if carries_authors_wording(folder):
+        logger.warning(
+            "%s/prompt_templates.json holds the authors' prompt wording (imported by `vilavt prompts import`); their "
+            "repository has no licence, so this upload would publish text that is not yours to license. Keep the "
+            "repository private, or push without the file and have users import the wording themselves",
+            folder,
+        )
     if CARD not in files:
         files = sorted([*files, CARD])
         if not dry_run:
