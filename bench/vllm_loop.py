@@ -67,7 +67,7 @@ def main():
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     engine = ViLaVTVLLM(
-        load_engine(folder, dtype="float32", max_model_len=16384, enforce_eager=True, block_size=32, seed=0), processor
+        load_engine(folder, dtype="float32", enforce_eager=True, block_size=32, seed=0), processor
     )
     batches = [int(b) for b in args.batches.split(",")]
     result, identical = {}, True
