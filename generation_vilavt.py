@@ -514,7 +514,7 @@ class ChatSession:
             ep.add_tool_response(response, turn_tokens, started - ep._turn_clock, time.perf_counter() - started)
             self.finish(ep, "tool_error", step)
             return None
-        if ep.new_tokens + len(response.ids) > self.max_new_tokens:
+        if ep.new_tokens + len(response.ids) >= self.max_new_tokens:  # no room left for the model to write
             self.finish(ep, "max_new_tokens", step)
             return None
         ep.add_tool_response(response, turn_tokens, started - ep._turn_clock, time.perf_counter() - started)

@@ -81,6 +81,12 @@ def test_bad_trajectories_are_named(tiny, data, change, message):
         build_episode(row, processor, model.config, image_root=data)
 
 
+def test_a_zero_round_budget_refuses_tool_calls(tiny, data):
+    model, processor = tiny
+    with pytest.raises(TrajectoryError, match=r"two-rounds, turn 0: more tool calls than the round budget \(0\)"):
+        build_episode(TRAJECTORIES[0], processor, model.config, image_root=data, max_rounds=0)
+
+
 def test_corrupt_jsonl_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(TRAJECTORIES[0]) + "\n{not json\n")

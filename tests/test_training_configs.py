@@ -37,7 +37,8 @@ def stand_in(stage: str, name: str, data, tmp_path, **extra):  # noqa: F811
     return parse_run_config(
         stage,
         ["--config", str(EXAMPLES / "configs" / name)],
-        values=dict(train_file=str(data / "train.jsonl"), output_dir=str(tmp_path), max_steps=1, report_to=[], **extra),
+        values={"train_file": str(data / "train.jsonl"), "output_dir": str(tmp_path), "max_steps": 1, "report_to": [],
+                **extra},
     )
 
 
@@ -67,6 +68,51 @@ def test_grpo_configs_build_a_trainer(name, data, tmp_path):  # noqa: F811
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert not any(".visual." in n or "text_encoder" in n for n in trainable)
     assert any("text_proj" in n for n in trainable)
+
+
+def test_the_authors_reward_is_a_config_choice(data, tmp_path, monkeypatch):  # noqa: F811
+    import vilavt.train.grpo as grpo
+    from vilavt.rewards import AUTHORS, DEFAULTS, make_vilavt_reward
+
+    tiny_yaml = str(EXAMPLES / "configs" / "grpo_tiny.yaml")
+    assert parse_run_config("grpo", ["--config", tiny_yaml]).training.reward_options() == DEFAULTS
+    argv = ["--config", tiny_yaml, "--reward_tool_format", "authors", "--reward_answer_tag", "optional",
+            "--reward_free_text", "zero"]  # fmt: skip
+    assert parse_run_config("grpo", argv).training.reward_options() == AUTHORS
+    with pytest.raises(ConfigError, match="reward_free_text"):
+        parse_run_config("grpo", ["--config", tiny_yaml, "--reward_free_text", "maybe"])
+    built = []
+    monkeypatch.setattr(grpo, "make_vilavt_reward", lambda *a, **kw: built.append(kw) or make_vilavt_reward())
+    config = stand_in("grpo", "grpo_tiny.yaml", data, tmp_path, image_root=str(data), gradient_accumulation_steps=1,
+                      reward_tool_format="authors", reward_answer_tag="optional", reward_free_text="zero")  # fmt: skip
+    config.training.per_device_train_batch_size = config.training.num_generations
+    grpo.build_grpo_trainer(config, *tiny_vilavt(seed=0))
+    assert built == [AUTHORS]
+
+
+def test_training_resumes_from_a_checkpoint(data, tmp_path, monkeypatch):  # noqa: F811
+    from transformers import TrainerCallback
+
+    from vilavt.train.sft import ViLaVTSFTTrainer, run_sft
+
+    run_sft(stand_in("sft", "sft_tiny.yaml", data, tmp_path, image_root=str(data), model="tiny", save_strategy="steps", save_steps=1))
+    assert (tmp_path / "checkpoint-1").is_dir()
+    trained = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trained.append(state.global_step)
+
+    train = ViLaVTSFTTrainer.train
+
+    def counted(self, *args, **kwargs):
+        self.add_callback(Count())
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ViLaVTSFTTrainer, "train", counted)
+    run_sft(stand_in("sft", "sft_tiny.yaml", data, tmp_path, image_root=str(data), model="tiny", max_steps=2,
+                     resume_from_checkpoint=str(tmp_path / "checkpoint-1")))  # fmt: skip
+    assert trained == [2]  # step 1 came from the checkpoint
 
 
 def test_command_line_overrides_are_typed():

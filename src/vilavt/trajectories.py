@@ -235,7 +235,7 @@ def build_episode(row: dict, processor, config, image_root=None, max_rounds: int
     images = resolve_images(row["images"], root)
     messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": row["question"]}]}]
     episode = prompt_episode(messages, images, processor, config, row.get("max_pixels"))
-    budget = row.get("max_rounds", max_rounds or 5)
+    budget = row.get("max_rounds", 5 if max_rounds is None else max_rounds)
     turns = row.get("turns") or []
     if not turns or "answer" not in turns[-1]:
         raise TrajectoryError(f"{name}: the last turn must give the answer")

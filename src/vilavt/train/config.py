@@ -228,6 +228,32 @@ class ViLaVTGRPOConfig(_ViLaVTRun, GRPOConfig):
     format_weight: float = field(
         default=0.5, metadata=_help("Reward: weight of the protocol format.", "--reward_weights.format")
     )
+    reward_tool_format: str = field(
+        default="executable",
+        metadata=_help(
+            "Reward: a tool call earns format credit when it would run (executable) or when its JSON has the "
+            "authors' shape (authors).", choices=["executable", "authors"],
+        ),
+    )
+    reward_answer_tag: str = field(
+        default="required",
+        metadata=_help(
+            "Reward: a turn without <answer> has no answer (required) or is scored as a whole, as the authors do "
+            "(optional).", choices=["required", "optional"],
+        ),
+    )
+    reward_free_text: str = field(
+        default="match",
+        metadata=_help(
+            "Reward: free-text answers score 1 when equal after normalisation (match) or always 0, as the authors "
+            "(zero).", choices=["match", "zero"],
+        ),
+    )
+
+    def reward_options(self) -> dict:
+        """The `make_vilavt_reward` keywords (`vilavt.rewards.AUTHORS` gives the authors' reward)."""
+        return dict(tool_format=self.reward_tool_format, answer_tag=self.reward_answer_tag,
+                    free_text=self.reward_free_text)  # fmt: skip
 
     def rollout_kwargs(self) -> dict:
         """What the rollouts pass to `generate`."""

@@ -319,7 +319,7 @@ def build_grpo_trainer(
     config, train_dataset = run_and_dataset("grpo", config, train_dataset)
     args = config.training
     model, processor = prepare_model(config, model, processor)
-    reward = make_vilavt_reward(args.accuracy_weight, args.format_weight)
+    reward = make_vilavt_reward(args.accuracy_weight, args.format_weight, **args.reward_options())
     return ViLaVTGRPOTrainer(
         model=model,
         reward_funcs=[completion_text_reward(reward)],
@@ -332,5 +332,5 @@ def build_grpo_trainer(
 
 def run_grpo(config: RunConfig | dict) -> str:
     trainer = build_grpo_trainer(config)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     return save_final(trainer)

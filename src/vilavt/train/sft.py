@@ -45,5 +45,5 @@ def build_sft_trainer(config: RunConfig | dict, model=None, processor=None, trai
 def run_sft(config: RunConfig | dict) -> str:
     """Train and save a remote-code checkpoint (LoRA merged) to `final_dir` (default: output_dir/final)."""
     trainer = build_sft_trainer(config)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     return save_final(trainer)
