@@ -93,16 +93,23 @@ def main():
     a_prompt, a_cached = per_round(authors, "prompt_tokens"), per_round(authors, "cached_tokens")
     hit = [c / p for c, p in zip(cached, prompt)]
     a_hit = [c / p for c, p in zip(a_cached, a_prompt)]
+    # What a prefix cache can serve at best: the tokens the previous request already held (its prompt and its
+    # sampled tokens), i.e. the prompt minus the tool response just appended.
+    injected = [0] + [sum(ep.trace.rounds[k].injected_tokens for ep in vl.episodes if k < len(ep.trace.rounds))
+                      for k in range(len(prompt) - 1)]  # fmt: skip
+    ceiling = [(p - i) / p for p, i in zip(prompt, injected)]
     new_images = per_round(vl, "new_images")
-    print("\nround  prompt tokens  prefix-cache hits (ours)  (authors' hashing)  images encoded (ours / authors')")
+    print("\nround  prompt tokens  reusable  prefix-cache hits (ours)  (authors' hashing)  images encoded (ours / authors')")
     for k in range(len(prompt)):
         ours_enc = encoded[k] if k < len(encoded) else 0
         theirs_enc = authors_encoded[k] if k < len(authors_encoded) else 0
-        print(f"{k + 1:>5} {prompt[k]:>14} {100 * hit[k]:>24.1f} % {100 * a_hit[k]:>18.1f} %   {ours_enc:>3} / {theirs_enc}")
+        print(f"{k + 1:>5} {prompt[k]:>14} {100 * ceiling[k]:>8.1f} % {100 * hit[k]:>22.1f} % {100 * a_hit[k]:>18.1f} %"
+              f"   {ours_enc:>3} / {theirs_enc}")
     result.update(
         tokens_identical=bool(identical),
         prefix_cache_hit_min=round(min(hit[1:]), 4),
         prefix_cache_hit_per_round=[round(h, 4) for h in hit],
+        prefix_cache_hit_of_reusable_min=round(min(h / c for h, c in zip(hit[1:], ceiling[1:])), 4),
         prefix_cache_hit_min_authors_hashing=round(min(a_hit[1:]), 4),
         encoder_images_per_round=encoded,
         encoder_only_new_crops=encoded == new_images,

@@ -265,15 +265,18 @@ def test_training_quickstart_runs_from_a_fresh_copy(tmp_path):
 
 
 def test_the_single_process_cpu_launch_is_pointed_out(monkeypatch, caplog, capsys):
-    """`accelerate launch --cpu --num_processes 2` starts one process (ACCELERATE_USE_CPU, no WORLD_SIZE): say so."""
+    """`accelerate launch --cpu --num_processes 2` starts one process (ACCELERATE_USE_CPU, accelerate's launcher
+    variables, no WORLD_SIZE): say so, and only then."""
     from vilavt.cli import main
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    for world_size, warned in ((None, True), ("2", False)):
-        if world_size is None:
-            monkeypatch.delenv("WORLD_SIZE", raising=False)
-        else:
-            monkeypatch.setenv("WORLD_SIZE", world_size)
+    # accelerate launch --cpu; the multi-process launcher; a plain `ACCELERATE_USE_CPU=1 vilavt sft` (no launcher)
+    for launcher, world_size, warned in (("no", None, True), ("no", "2", False), (None, None, False)):
+        for name, value in (("ACCELERATE_DYNAMO_BACKEND", launcher), ("WORLD_SIZE", world_size)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
         caplog.clear()
         assert main(["sft", "--learning_rate", "fast"]) == 2  # stops while parsing: no process group is made
         assert ("training in ONE CPU process" in caplog.text and "cpu_ddp.yaml" in caplog.text) is warned

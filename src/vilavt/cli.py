@@ -36,7 +36,9 @@ from .arguments import CommandParser, choice_list, int_at_least, int_list, posit
 def _train(stage: str, argv: list[str]) -> int:
     from .train.config import ConfigError, parse_run_config
 
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "WORLD_SIZE" not in os.environ:
+    # accelerate's single-process launcher (what `--cpu` picks) sets ACCELERATE_DYNAMO_BACKEND but no WORLD_SIZE.
+    launched_alone = "ACCELERATE_DYNAMO_BACKEND" in os.environ and "WORLD_SIZE" not in os.environ
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and launched_alone:
         logging.getLogger("vilavt").warning(
             "training in ONE CPU process: `accelerate launch --cpu` uses the single-process launcher whatever "
             "--num_processes says. Several CPU processes: ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch "
