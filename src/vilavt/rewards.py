@@ -63,7 +63,7 @@ OPEN_TURN_STOP_REASONS = ("max_new_tokens",)
 # The keyword values that reproduce the authors' reward exactly.
 AUTHORS = {"tool_format": "authors", "answer_tag": "optional", "free_text": "zero"}
 DEFAULTS = {"tool_format": "executable", "answer_tag": "required", "free_text": "match"}
-_CHOICES = {"tool_format": ("executable", "authors"), "answer_tag": ("required", "optional"),
+CHOICES = {"tool_format": ("executable", "authors"), "answer_tag": ("required", "optional"),
             "free_text": ("match", "zero")}  # fmt: skip
 
 
@@ -79,8 +79,8 @@ def problem_kind(problem_type) -> str:
 
 def _check_options(**options) -> None:
     for name, value in options.items():
-        if value not in _CHOICES[name]:
-            raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+        if value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
 
 
 # ---- answers ------------------------------------------------------------------------------------------
@@ -402,6 +402,7 @@ __all__ = [
     "PROBLEM_TYPES",
     "AUTHORS",
     "DEFAULTS",
+    "CHOICES",
     "problem_kind",
     "score_answer",
     "turn_accuracy",

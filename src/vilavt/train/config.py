@@ -24,6 +24,9 @@ import torch
 import yaml
 from trl import GRPOConfig, SFTConfig, TrlParser
 
+from ..rewards import CHOICES as REWARD_CHOICES
+from ..rewards import DEFAULTS as REWARD_DEFAULTS
+
 logger = logging.getLogger(__name__)
 
 # Linear layers LoRA adapts by default: attention and MLP projections of the ViT and the LLM (not the
@@ -229,24 +232,24 @@ class ViLaVTGRPOConfig(_ViLaVTRun, GRPOConfig):
         default=0.5, metadata=_help("Reward: weight of the protocol format.", "--reward_weights.format")
     )
     reward_tool_format: str = field(
-        default="executable",
+        default=REWARD_DEFAULTS["tool_format"],
         metadata=_help(
             "Reward: a tool call earns format credit when it would run (executable) or when its JSON has the "
-            "authors' shape (authors).", choices=["executable", "authors"],
+            "authors' shape (authors).", choices=list(REWARD_CHOICES["tool_format"]),
         ),
     )
     reward_answer_tag: str = field(
-        default="required",
+        default=REWARD_DEFAULTS["answer_tag"],
         metadata=_help(
             "Reward: a turn without <answer> has no answer (required) or is scored as a whole, as the authors do "
-            "(optional).", choices=["required", "optional"],
+            "(optional).", choices=list(REWARD_CHOICES["answer_tag"]),
         ),
     )
     reward_free_text: str = field(
-        default="match",
+        default=REWARD_DEFAULTS["free_text"],
         metadata=_help(
             "Reward: free-text answers score 1 when equal after normalisation (match) or always 0, as the authors "
-            "(zero).", choices=["match", "zero"],
+            "(zero).", choices=list(REWARD_CHOICES["free_text"]),
         ),
     )
 
