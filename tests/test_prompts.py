@@ -498,6 +498,14 @@ def test_cli_prompts_import(tmp_path, capsys, authors):
     assert err.startswith("vilavt prompts: error: ") and "not a directory" in err and err.count("\n") == 1
     assert vilavt_main(["prompts", "import", str(fake_repo(tmp_path, drop="verl/utils/dataset_multimodal.py")), str(folder)]) == 2
     assert "missing verl/utils/dataset_multimodal.py" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert vilavt_main(["prompts", "import", str(STANDIN), str(tmp_path / "empty")]) == 2
+    assert "not a checkpoint or processor folder" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / PROMPTS_FILE).exists()
+    with pytest.raises(SystemExit):
+        vilavt_main(["prompts", "import", str(STANDIN), str(folder), "--variant", "hf-eval"])
+    err = capsys.readouterr().err
+    assert err.startswith("vilavt prompts import: error: argument --variant") and err.count("\n") == 1
 
 
 def test_cli_convert_imports_the_wording_or_says_how(tmp_path, capsys, authors):
@@ -510,6 +518,11 @@ def test_cli_convert_imports_the_wording_or_says_how(tmp_path, capsys, authors):
     assert vilavt_main(["convert", str(src), str(tmp_path / "faithful"), "--prompts-from", str(STANDIN)]) == 0
     assert "trained with the authors'" not in capsys.readouterr().err
     assert ViLaVTProcessor.from_pretrained(tmp_path / "faithful").prompts == authors
+    argv = ["convert", str(src), str(tmp_path / "evaluator"), "--prompts-from", str(STANDIN), "--variant", "vllm-eval",
+            "--on-error", "end"]  # fmt: skip
+    assert vilavt_main(argv) == 0
+    prompts = ViLaVTProcessor.from_pretrained(tmp_path / "evaluator").prompts
+    assert (prompts.name, prompts.on_error) == ("authors-vllm-eval", "end")
     bad = fake_repo(tmp_path, edit=("verl/utils/vilavt_utils.py", "RESPONSE_PROMPT=", "RESPONSE_TEXT="))
     assert vilavt_main(["convert", str(src), str(tmp_path / "never"), "--prompts-from", str(bad)]) == 2
     err = capsys.readouterr().err

@@ -240,19 +240,28 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def add_prompt_variant_arguments(parser) -> None:
+    parser.add_argument("--variant", default="rl", choices=("rl", "vllm-eval"),
+                        help="rl: what the released model was trained on; vllm-eval: their vLLM evaluator's prompts")
+    parser.add_argument("--on-error", default="final", choices=("final", "end", "budget"),
+                        help="a failed tool call: error then the final text (their evaluators), end the episode "
+                             "(their RL rollout) or error then continue by the round budget (this project)")
+
+
 def _convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vilavt convert", description="official ViLaVT checkpoint -> plug-in folder")
+    parser = CommandParser(prog="vilavt convert", description="official ViLaVT checkpoint -> plug-in folder")
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--tokenizer", help="folder with the Qwen2.5-VL tokenizer, if SRC has none")
     parser.add_argument("--query-tokenizer", help="Qwen3-Embedding tokenizer folder (default: derived from the main one)")
     parser.add_argument("--prompts-from", metavar="REPO", help="your checkout of the authors' repository: import their prompt wording")
+    add_prompt_variant_arguments(parser)
     args = parser.parse_args(argv)
     from .checkpoints import convert_official
     from .prompts import PromptImportError, authors_wording_notice, import_authors_prompts
 
     try:
-        prompts = import_authors_prompts(args.prompts_from) if args.prompts_from else None
+        prompts = import_authors_prompts(args.prompts_from, args.variant, args.on_error) if args.prompts_from else None
     except PromptImportError as err:
         print(f"vilavt convert: error: {err}", file=sys.stderr)
         return 2
@@ -263,16 +272,12 @@ def _convert(argv: list[str]) -> int:
 
 
 def _prompts(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vilavt prompts", description="prompt wording a checkpoint carries")
+    parser = CommandParser(prog="vilavt prompts", description="prompt wording a checkpoint carries")
     commands = parser.add_subparsers(dest="command", required=True)
     imports = commands.add_parser("import", help="the authors' wording from your checkout of their repository")
     imports.add_argument("repo", help="a checkout of the authors' ViLaVT repository (parsed, never run)")
     imports.add_argument("dir", help="a checkpoint folder: gets prompt_templates.json")
-    imports.add_argument("--variant", default="rl", choices=("rl", "vllm-eval"),
-                         help="rl: what the released model was trained on; vllm-eval: their vLLM evaluator's prompts")
-    imports.add_argument("--on-error", default="final", choices=("final", "end", "budget"),
-                         help="a failed tool call: error then the final text (their evaluators), end the episode "
-                              "(their RL rollout) or error then continue by the round budget (this project)")
+    add_prompt_variant_arguments(imports)
     args = parser.parse_args(argv)
     from .prompts import PromptImportError, import_authors_prompts, write_prompts
 
