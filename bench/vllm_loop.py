@@ -1,10 +1,11 @@
 """The ViLaVT chatting loop on transformers vs on vLLM: same checkpoint, same scripted 3-round episodes, one run.
 
-    bash bench/vllm_loop.sh [--image-side 1344] [--batches 1,8,32]
+    bash bench/vllm_loop.sh [--image-side 1792] [--batches 1,8,32]
 
 Prints, per batch size, the sampled tokens per second of both loops; per round, vLLM's prefix-cache hit
 rate (its own `num_cached_tokens`) with this backend's hashing and with the authors' (every query in every
-image's hash); the images the vision encoder ran on per round. The last line is a JSON object.
+image's hash); the images the vision encoder ran on (ours against the authors' hashing). The last line is a
+JSON object.
 On CPU this shows correctness and cache behaviour, not the GPU speed case (paged attention, continuous
 batching, CUDA graphs).
 """
@@ -57,7 +58,7 @@ def per_round(output, attribute):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image-side", type=int, default=1344)
+    parser.add_argument("--image-side", type=int, default=1792, help="side of the original (1792: 4096 image tokens)")
     parser.add_argument("--batches", default="1,8,32")
     args = parser.parse_args()
     from vilavt.vllm.api import ViLaVTVLLM, load_engine
@@ -99,20 +100,23 @@ def main():
                       for k in range(len(prompt) - 1)]  # fmt: skip
     ceiling = [(p - i) / p for p, i in zip(prompt, injected)]
     new_images = per_round(vl, "new_images")
-    print("\nround  prompt tokens  reusable  prefix-cache hits (ours)  (authors' hashing)  images encoded (ours / authors')")
+    print("\nround  prompt tokens  reusable  prefix-cache hits (ours)  (authors' hashing)")
     for k in range(len(prompt)):
-        ours_enc = encoded[k] if k < len(encoded) else 0
-        theirs_enc = authors_encoded[k] if k < len(authors_encoded) else 0
-        print(f"{k + 1:>5} {prompt[k]:>14} {100 * ceiling[k]:>8.1f} % {100 * hit[k]:>22.1f} % {100 * a_hit[k]:>18.1f} %"
-              f"   {ours_enc:>3} / {theirs_enc}")
+        reusable = f"{100 * ceiling[k]:>8.1f} %" if k else f"{'-':>10}"  # round 1 has no previous request
+        print(f"{k + 1:>5} {prompt[k]:>14} {reusable} {100 * hit[k]:>22.1f} % {100 * a_hit[k]:>18.1f} %")
+    # Every image is encoded at least once, so a total equal to the number of images means none was encoded twice.
+    print(f"\nimages encoded: ours {sum(encoded)} in {len(encoded)} encoder calls {encoded} (new images per round: "
+          f"{new_images}); with the authors' hashing {sum(authors_encoded)} in {len(authors_encoded)} calls")
     result.update(
         tokens_identical=bool(identical),
         prefix_cache_hit_min=round(min(hit[1:]), 4),
         prefix_cache_hit_per_round=[round(h, 4) for h in hit],
         prefix_cache_hit_of_reusable_min=round(min(h / c for h, c in zip(hit[1:], ceiling[1:])), 4),
         prefix_cache_hit_min_authors_hashing=round(min(a_hit[1:]), 4),
-        encoder_images_per_round=encoded,
-        encoder_only_new_crops=encoded == new_images,
+        new_images_per_round=new_images,
+        encoder_images_per_call=encoded,
+        encoder_images_authors_hashing=sum(authors_encoded),
+        encoder_only_new_crops=sum(encoded) == sum(new_images),
     )
     print(json.dumps(result))
 
