@@ -611,14 +611,17 @@ class ChatSession:
 
         if self.streamer is not None:
             self.streamer.end()
-        elapsed = time.perf_counter() - started
+        self.close_traces(episodes, time.perf_counter() - started)
+        return episodes
+
+    def close_traces(self, episodes: list[Episode], seconds: float) -> None:
+        """Fill in what a trace knows only at the end: token counts, run time and the decoded completion."""
         for ep in episodes:
             trace = ep.trace
             trace.generated_tokens = sum(ep.sampled)
             trace.injected_tokens = ep.new_tokens - trace.generated_tokens
-            trace.seconds = elapsed
+            trace.seconds = seconds
             trace.text = self.tokenizer.decode(ep.ids[ep.prompt_length :], skip_special_tokens=True)
-        return episodes
 
     def output(self, prompts: torch.Tensor, episodes: list[Episode], output_logprobs: bool = False):
         """What `generate` returns for `episodes` whose input ids were `prompts` (one row per episode)."""

@@ -264,14 +264,8 @@ class VLLMChatSession(ChatSession):
             for state in states:
                 vllm_logits.unregister(state.processors)
                 vllm_logits.unregister(state.record)
-        elapsed = time.perf_counter() - started
-        # As at the end of ChatSession.run (its driver is the KV-cache loop, not reusable here).
+        self.close_traces(episodes, time.perf_counter() - started)
         for ep, state in zip(episodes, states):
-            trace = ep.trace
-            trace.generated_tokens = sum(ep.sampled)
-            trace.injected_tokens = ep.new_tokens - trace.generated_tokens
-            trace.seconds = elapsed
-            trace.text = self.tokenizer.decode(ep.ids[ep.prompt_length :], skip_special_tokens=True)
             ep.vllm_requests = state.requests
         return episodes
 
