@@ -4,8 +4,16 @@
 tokens, bench/kv_cache.py); a `GrowingLayer` writes into spare capacity instead.
 """
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+# The forward's KV-cache keyword: `cache` from transformers 5.24 (`past_key_values` still works there, with a
+# deprecation warning, until 5.40); `past_key_values` before 5.24, the range vLLM 0.32 installs with.
+_FORWARD_PARAMETERS = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+CACHE_ARGUMENT = "cache" if "cache" in _FORWARD_PARAMETERS else "past_key_values"
 
 
 class GrowingLayer(DynamicLayer):
@@ -71,4 +79,4 @@ class GrowingCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
-__all__ = ["GrowingCache", "GrowingLayer"]
+__all__ = ["CACHE_ARGUMENT", "GrowingCache", "GrowingLayer"]

@@ -9,7 +9,7 @@ Qwen3-Embedding-0.6B architecture, written out below.
 import inspect
 
 from transformers import Qwen3Config
-from transformers.configuration_utils import SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLTextConfig,
@@ -136,8 +136,10 @@ class ViLaVTConfig(Qwen2_5_VLConfig):
     sub_configs_defaults = {
         "vision_config": ViLaVTVisionConfig,
         "text_config": Qwen2_5_VLTextConfig,
-        "text_encoder_config": SubConfigSpec(Qwen3Config, init_kwargs=QWEN3_EMBEDDING_0_6B),
+        "text_encoder_config": Qwen3Config,
     }
+    if not hasattr(PreTrainedConfig, "sub_configs_defaults"):  # transformers < 5.20 reads `sub_configs`
+        sub_configs = sub_configs_defaults
 
     text_encoder_config: dict | Qwen3Config | None = None
     max_query_length: int = 50
@@ -150,8 +152,9 @@ class ViLaVTConfig(Qwen2_5_VLConfig):
             self.text_config.setdefault("dtype", kwargs.get("torch_dtype", kwargs.get("dtype")))
         # else: official configs carry the text fields twice (flat and nested); the nested copy wins so
         # the two can never disagree.
-        if isinstance(self.text_encoder_config, dict):
-            self.text_encoder_config = {k: v for k, v in self.text_encoder_config.items() if k != "model_type"}
+        if not isinstance(self.text_encoder_config, Qwen3Config):
+            fields = {k: v for k, v in (self.text_encoder_config or QWEN3_EMBEDDING_0_6B).items() if k != "model_type"}
+            self.text_encoder_config = Qwen3Config(**fields)
         if kwargs.get("auto_map") is None:
             kwargs["auto_map"] = dict(AUTO_MAP)
         super().__post_init__(**kwargs)

@@ -19,7 +19,7 @@ from transformers.generation import LogitsProcessorList, MaxTimeCriteria, StopSt
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .cache_vilavt import GrowingCache
+from .cache_vilavt import CACHE_ARGUMENT, GrowingCache
 from .images_vilavt import open_image, pixels_to_images
 from .processing_vilavt import TURN_END, batch_vision
 from .prompts_vilavt import tool_message
@@ -325,7 +325,7 @@ class ChatSession:
     # ---- forwards -------------------------------------------------------------------------------
 
     def _forward(self, **inputs) -> torch.Tensor:
-        outputs = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        outputs = self.model(**inputs, **{CACHE_ARGUMENT: self.cache}, use_cache=True, logits_to_keep=1, return_dict=True)
         return outputs.logits[:, -1].float()
 
     def prefill(self, episodes: list[Episode], rows: list[int]) -> dict[int, torch.Tensor]:

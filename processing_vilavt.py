@@ -19,8 +19,10 @@ Message shapes `apply_chat_template` understands:
 Image items may carry `width`/`height` (displayed size); `apply_chat_template` fills them in.
 """
 
+import inspect
 import json
 import os
+import re
 from collections import OrderedDict
 
 import torch
@@ -46,6 +48,13 @@ logger = logging.get_logger(__name__)
 DEFAULT_MAX_QUERY_LENGTH = 50
 
 TURN_END = "<|im_end|>\n"
+
+# transformers >= 5.23 encodes control tokens spelled in a conversation's text as text
+# (`apply_chat_template(..., sanitize_control_tokens=True)`); older processors (5.19, what vLLM 0.32 installs
+# with) have no such option, so there `spelled_as_text` breaks them instead.
+SANITIZES_CONTROL_TOKENS = "sanitize_control_tokens" in inspect.signature(
+    Qwen2_5_VLProcessor.apply_chat_template
+).parameters
 
 # A plain assembler (Qwen2.5-VL's layout): every prompt text is already in the messages, put there by the
 # processor from its prompt templates (`prompts_vilavt.PromptTemplates.render`). A `tool` message is a user
@@ -116,6 +125,18 @@ def _copied(message: dict) -> dict:
         else:
             content.append(dict(item) if isinstance(item, dict) else item)
     return {**message, "content": content}
+
+
+def spelled_as_text(value, control_tokens: re.Pattern):
+    """`value` (a conversation, message or string) with every control token its strings spell broken by a word
+    joiner (U+2060) after the token's first character, so the tokenizer encodes it as text (transformers < 5.23)."""
+    if isinstance(value, str):
+        return control_tokens.sub(lambda match: match[0][0] + "\u2060" + match[0][1:], value)
+    if isinstance(value, (list, tuple)):
+        return [spelled_as_text(item, control_tokens) for item in value]
+    if isinstance(value, dict):
+        return {key: spelled_as_text(item, control_tokens) for key, item in value.items()}
+    return value
 
 
 def batch_vision(samples: list[dict]) -> dict:
@@ -301,6 +322,18 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         truncated = [owners.count(i) > 1 for i in range(len(queries))] if len(owners) > len(queries) else [False] * len(queries)
         return BatchFeature({"query_ids": ids, "query_attention_mask": mask}, tensor_type=return_tensors), truncated
 
+    def control_tokens(self, chat_template=None) -> re.Pattern:
+        """The tokens a conversation's text must not spell, by transformers' rule: the tokenizer's special tokens
+        and the added tokens the chat template writes."""
+        template = chat_template if isinstance(chat_template, str) else self.chat_template
+        template = template if isinstance(template, str) else ""
+        tokens = [
+            token.content
+            for token in self.tokenizer.added_tokens_decoder.values()
+            if token.special or (token.content in template and not token.content.isspace())
+        ]
+        return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
     # ---- calling ------------------------------------------------------------------------------
 
     def encode(self, text=None, images=None, **kwargs) -> BatchFeature:
@@ -446,6 +479,8 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
         tokenize = kwargs.get("tokenize", False)
         if tokenize and not kwargs.get("return_assistant_tokens_mask"):
             kwargs.setdefault("sanitize_control_tokens", True)
+        if not SANITIZES_CONTROL_TOKENS and kwargs.pop("sanitize_control_tokens", False):
+            rendered = [spelled_as_text(c, self.control_tokens(chat_template)) for c in rendered]
         if tokenize:
             kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), "images_sized": True}
         out = super().apply_chat_template(rendered if batched else rendered[0], chat_template, **kwargs)

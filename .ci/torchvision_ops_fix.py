@@ -1,4 +1,4 @@
-"""Installed into the vLLM test environment only (by .ci/vllm-env), never imported by library code.
+"""Installed into the vLLM test environment only (by scripts/vllm-env), never imported by library code.
 
 PyPI's torchvision 0.28 is a CUDA build; next to the CPU torch 2.13.0 its import fails with
 "operator torchvision::nms does not exist" (it registers fake kernels for operators its missing C++

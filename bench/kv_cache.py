@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from common import build
-from vilavt.remote_code.cache_vilavt import GrowingCache
+from vilavt.remote_code.cache_vilavt import CACHE_ARGUMENT, GrowingCache
 
 
 @torch.no_grad()
@@ -33,8 +33,8 @@ def ms_per_step(model, cache_class, rows: int, cached: int, steps: int) -> float
         for step in range(steps):
             mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
             position = torch.full((3, rows, 1), cached + step)
-            model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
-                  logits_to_keep=1)  # fmt: skip
+            model(input_ids=token, attention_mask=mask, position_ids=position, **{CACHE_ARGUMENT: cache},
+                  use_cache=True, logits_to_keep=1)  # fmt: skip
         best = min(best, (time.perf_counter() - start) / steps * 1000)
     return best
 

