@@ -224,8 +224,12 @@ class ViLaVTProcessor(Qwen2_5_VLProcessor):
     @classmethod
     def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
         """The parent's, plus the checkpoint's `prompt_templates.json` (a folder or a hub repo); without one the
-        default wording of the checkpoint's `prompt_style` is used."""
+        default wording of the checkpoint's `prompt_style` is used. A `prompt_style` passed here replaces the
+        checkpoint's templates, as any keyword overrides what a checkpoint saved."""
         processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        if "prompt_style" in kwargs and "prompt_templates" not in kwargs:
+            processor_dict.pop("prompt_templates", None)
+            return processor_dict, rest
         if "prompt_templates" in processor_dict or os.path.isfile(str(pretrained_model_name_or_path)):
             return processor_dict, rest
         hub = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")

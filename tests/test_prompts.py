@@ -328,6 +328,20 @@ def test_the_shipped_demo_renders_its_pinned_text_and_token_ids():
     assert processor.apply_chat_template(messages, **TOKENIZE)["input_ids"][0].tolist() == pinned["sequence"]["ids"]
 
 
+def test_an_explicit_prompt_style_replaces_the_checkpoints_templates(tmp_path):
+    """`from_pretrained(..., prompt_style=...)` renders that style's wording even where the checkpoint carries a
+    templates file (a keyword overrides what a checkpoint saved), and a save keeps it; without it the file wins."""
+    assert ViLaVTProcessor.from_pretrained(SHIPPED).prompts == COMPACT
+    processor = ViLaVTProcessor.from_pretrained(SHIPPED, prompt_style="full")
+    assert processor.prompts == FULL and processor.prompt_style == "full"
+    processor.save_pretrained(tmp_path)
+    assert ViLaVTProcessor.from_pretrained(tmp_path).prompts == FULL
+    both = ViLaVTProcessor.from_pretrained(SHIPPED, prompt_style="full", prompt_templates=COMPACT.to_dict())
+    assert both.prompts == COMPACT  # explicit templates are the wording; the style only names a default
+    with pytest.raises(ValueError, match="prompt_style must be one of"):
+        ViLaVTProcessor.from_pretrained(SHIPPED, prompt_style="terse")
+
+
 # The shape of a chat template saved before prompt text became data: it held the wording itself and read
 # `prompt_style` (the words here are placeholders).
 LEGACY_LOOKING = """{%- set system_prompt -%}
