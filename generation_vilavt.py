@@ -325,7 +325,9 @@ class ChatSession:
     # ---- forwards -------------------------------------------------------------------------------
 
     def _forward(self, **inputs) -> torch.Tensor:
-        outputs = self.model(**inputs, **{CACHE_ARGUMENT: self.cache}, use_cache=True, logits_to_keep=1, return_dict=True)
+        outputs = self.model(
+            **inputs, **{CACHE_ARGUMENT: self.cache}, use_cache=True, logits_to_keep=1, return_dict=True
+        )
         return outputs.logits[:, -1].float()
 
     def prefill(self, episodes: list[Episode], rows: list[int]) -> dict[int, torch.Tensor]:

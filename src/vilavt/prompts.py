@@ -136,7 +136,9 @@ def write_prompts(prompts: PromptTemplates, folder) -> Path:
     if not folder.is_dir():
         raise PromptImportError(f"{folder}: not a directory (give a checkpoint folder)")
     if not any((folder / name).is_file() for name in ("config.json", "processor_config.json")):
-        raise PromptImportError(f"{folder}: not a checkpoint or processor folder (no config.json or processor_config.json)")
+        raise PromptImportError(
+            f"{folder}: not a checkpoint or processor folder (no config.json or processor_config.json)"
+        )
     return Path(prompts.save(folder / PROMPTS_FILE))
 
 
